@@ -225,7 +225,7 @@ class Store:
         with self.batch() as batch:
             return batch.put_stream(stream)
 
-    def put_file(self, path: str | os.PathLike[str]) -> tuple[bytes, int]:
+    def put_file(self, path: str | bytes | os.PathLike[str]) -> tuple[bytes, int]:
         with self.batch() as batch:
             return batch.put_file(path)
 
@@ -719,10 +719,16 @@ class Batch:
             self.store._set_use(txn, digest, now, None)
 
     def put(self, data: bytes | bytearray | memoryview) -> bytes:
+        digest = hash_bytes(data)
+        self.put_digest(digest, data)
+        return digest
+
+    def put_digest(self, digest: bytes, data: bytes | bytearray | memoryview) -> None:
+        """Put ``data`` whose digest the caller has already computed (a worker thread hashed
+        it). The digest is trusted: only pass one that ``swarm.digest`` just computed."""
         self._puts += 1
         cs = self.store.chunk_size
         if len(data) <= cs:
-            digest = hash_bytes(data)
             self._put_leaf(digest, data)
         else:
             view = memoryview(data)
@@ -732,10 +738,8 @@ class Batch:
                 c = hash_bytes(part)
                 self._put_leaf(c, part)
                 chunks.append(c)
-            digest = hash_bytes(data)
             self._put_manifest(digest, Manifest(len(data), cs, tuple(chunks)))
         self._maybe_commit()
-        return digest
 
     def _put_manifest(self, digest: bytes, man: Manifest) -> None:
         txn = self._begin()
@@ -767,7 +771,7 @@ class Batch:
         self._maybe_commit()
         return digest, size
 
-    def put_file(self, path: str | os.PathLike[str]) -> tuple[bytes, int]:
+    def put_file(self, path: str | bytes | os.PathLike[str]) -> tuple[bytes, int]:
         with open(path, "rb", buffering=0) as f:
             return self.put_stream(f)
 

@@ -1,0 +1,210 @@
+"""Import an image into the store: from a rootfs directory here, and from archives (tar,
+OCI layout, ``docker save``) through ``swarm.build.layers`` / ``swarm.build.oci``.
+
+A directory import is one pass over the tree: ``lstat`` every entry, read xattrs, stream
+every regular file into the store once per inode (hard links share the digest), then
+register the index. Files are read and hashed by a small thread pool while the writer
+thread appends to LMDB, so reading, hashing (blake3 releases the GIL) and LMDB writes
+overlap.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat as statmod
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from swarm.build.progress import Progress
+from swarm.digest import hash_bytes
+from swarm.errors import ImportRefused, NotFound
+from swarm.fs import images
+from swarm.fs.images import ImageRecord
+from swarm.fs.index import Entry, Index, kind_of
+from swarm.store import Store
+
+log = logging.getLogger(__name__)
+
+# xattrs that describe how a tree is stored, not what it is (overlayfs bookkeeping).
+SKIP_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+READ_THREADS = 4
+# Files up to this size are read whole by a worker and handed over as bytes; larger ones
+# are streamed chunk by chunk by the writer thread so memory stays bounded.
+WHOLE_READ_MAX_BYTES = 4 << 20
+PIPELINE_DEPTH = 64
+
+
+def read_xattrs(path: bytes) -> dict[str, bytes] | None:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as err:
+        if err.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return None
+        raise
+    out = {}
+    for name in names:
+        if name.startswith(SKIP_XATTR_PREFIXES):
+            continue
+        try:
+            out[name] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as err:
+            if err.errno != errno.ENODATA:  # removed between list and get
+                raise
+    return out or None
+
+
+def walk(root: bytes) -> Iterator[tuple[bytes, os.stat_result]]:
+    """(index path, lstat) of ``root`` and everything below it, parents first."""
+    yield b"/", os.lstat(root)
+    stack = [b""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(root + rel if rel else root) as it:
+            children = sorted(it, key=lambda d: d.name)
+        for d in reversed(children):
+            st = d.stat(follow_symlinks=False)
+            path = rel + b"/" + os.fsencode(d.name)
+            yield path, st
+            if statmod.S_ISDIR(st.st_mode):
+                stack.append(path)
+
+
+def _read_small(path: bytes, size: int) -> tuple[bytes, bytes] | None:
+    """(digest, content) of a file read whole, or None when it is too big to read whole."""
+    if size > WHOLE_READ_MAX_BYTES:
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, size + 1)
+        while len(data) <= size:
+            more = os.read(fd, size + 1 - len(data))
+            if not more:
+                break
+            data += more
+    finally:
+        os.close(fd)
+    if len(data) > WHOLE_READ_MAX_BYTES:
+        return None  # grew while we read it: stream it instead
+    return hash_bytes(data), data
+
+
+def import_directory(
+    store: Store,
+    path: str | os.PathLike[str],
+    names: list[str] | tuple[str, ...] = (),
+    *,
+    config: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    source_label: str | None = None,
+    exclude: Callable[[bytes], bool] | None = None,
+) -> ImageRecord:
+    """Import the tree at ``path`` as an image; returns its record (``.id`` is the id)."""
+    root = os.fsencode(os.path.abspath(path))
+    if not os.path.isdir(root):
+        raise NotFound(f"not a directory: {os.fsdecode(root)}")
+    progress = progress or Progress()
+    entries: list[Entry] = []
+    inodes: dict[tuple[int, int], int] = {}  # (dev, ino) -> index in entries of first link
+    links: dict[int, int] = {}  # index of first link -> group
+    pending: list[tuple[int, Future[tuple[bytes, bytes] | None], bytes]] = []
+
+    with store.batch() as batch, ThreadPoolExecutor(READ_THREADS) as pool:
+
+        def settle(limit: int) -> None:
+            while len(pending) > limit:
+                i, fut, full = pending.pop(0)
+                got = fut.result()
+                if got is None:
+                    digest, size = batch.put_file(full)
+                else:
+                    digest, data = got
+                    batch.put_digest(digest, data)
+                    size = len(data)
+                entries[i] = entries[i]._replace(digest=digest, size=size)
+                progress.advance(files=1, nbytes=size)
+
+        for rel, st in walk(root):
+            if exclude is not None and rel != b"/" and exclude(rel):
+                continue
+            kind = kind_of(st.st_mode)
+            if kind is None:
+                log.warning("skipping socket %s", os.fsdecode(rel))
+                continue
+            full = root + rel if rel != b"/" else root
+            xattrs = read_xattrs(full)
+            e = Entry(path=rel, kind=kind, mode=statmod.S_IMODE(st.st_mode), uid=st.st_uid,
+                      gid=st.st_gid, mtime_ns=st.st_mtime_ns, xattrs=xattrs)
+            if kind == "symlink":
+                target = os.readlink(full)
+                e = e._replace(target=target, size=len(target))
+            elif kind in ("char", "block"):
+                e = e._replace(rdev=st.st_rdev)
+            if kind != "dir" and st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                first = inodes.get(key)
+                if first is not None:
+                    links.setdefault(first, len(links))
+                    entries.append(e._replace(link=first))  # fixed up below
+                    continue
+                inodes[key] = len(entries)
+            entries.append(e)
+            if kind == "file":
+                pending.append((len(entries) - 1, pool.submit(_read_small, full, st.st_size),
+                                full))
+                settle(PIPELINE_DEPTH)
+        settle(0)
+
+        # hard links: every member of a group shares the first link's digest and size
+        final = []
+        for i, e in enumerate(entries):
+            if e.link is not None and e.kind != "dir" and i not in links:
+                head = entries[e.link]
+                e = e._replace(digest=head.digest, size=head.size, link=links[e.link])
+            elif i in links:
+                e = e._replace(link=links[i])
+            final.append(e)
+        new_bytes = batch.new_bytes
+
+    index = Index(_renumber_links(final), config)
+    return images.register(store, index, list(names),
+                           source=source_label or f"dir:{os.fsdecode(root)}",
+                           new_bytes=new_bytes)
+
+
+def _renumber_links(entries: list[Entry]) -> list[Entry]:
+    """Hard-link groups numbered 0, 1, ... in path order, so equal trees encode equally."""
+    order: dict[int, int] = {}
+    out = []
+    for e in sorted(entries, key=lambda e: e.path.split(b"/")):
+        if e.link is not None:
+            e = e._replace(link=order.setdefault(e.link, len(order)))
+        out.append(e)
+    return out
+
+
+def import_source(store: Store, src: str | os.PathLike[str],
+                  names: list[str] | tuple[str, ...] = (),
+                  *, progress: Progress | None = None) -> ImageRecord:
+    """Import from whatever ``src`` is: a directory, an OCI layout, a ``docker save`` tar
+    or a rootfs tar (plain, gzip or zstd)."""
+    p = Path(src)
+    if not p.exists():
+        raise NotFound(f"no such file or directory: {src}")
+    if p.is_dir() and not (p / "oci-layout").exists():
+        return import_directory(store, p, names, progress=progress)
+    from swarm.build import layers, oci  # archive formats; not needed for directories
+
+    fmt = oci.detect_format(p)
+    if fmt == "dir":
+        return import_directory(store, p, names, progress=progress)
+    if fmt == "oci":
+        return oci.import_oci_layout(store, p, list(names), progress=progress)
+    if fmt == "docker-save":
+        return oci.import_docker_save(store, p, list(names), progress=progress)
+    if fmt == "tar":
+        return layers.import_tar(store, p, list(names), progress=progress)
+    raise ImportRefused(f"{src}: not a directory, tar archive, OCI layout or docker-save tar")
