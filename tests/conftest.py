@@ -7,6 +7,8 @@ machine and cached (see swarm.build.debootstrap).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,3 +31,36 @@ def debian_rootfs() -> Path:
     from swarm.build.debootstrap import ensure_rootfs
 
     return ensure_rootfs()
+
+
+@pytest.fixture(scope="session")
+def debian_python_rootfs() -> Path:
+    """A debootstrap bookworm minbase with python3 (read-only by convention)."""
+    from swarm.build.debootstrap import ensure_rootfs
+
+    return ensure_rootfs(include=["python3"])
+
+
+class CliResult:
+    def __init__(self, proc: subprocess.CompletedProcess[str]) -> None:
+        self.exit_code = proc.returncode
+        self.stdout = proc.stdout
+        self.stderr = proc.stderr
+
+
+def run_cli(args: list[str], exit_code: int = 0, *, state_dir: Path | None = None,
+            env: dict[str, str] | None = None, input: str | None = None) -> CliResult:
+    """Run ``swarm ARGS`` as a user would (a real process) and check its exit code."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    if state_dir is not None:
+        full_env["SWARM_STATE_DIR"] = str(state_dir)
+    proc = subprocess.run([sys.executable, "-m", "swarm.cli", *args], capture_output=True,
+                          text=True, env=full_env, input=input, timeout=600)
+    res = CliResult(proc)
+    assert proc.returncode == exit_code, (
+        f"swarm {' '.join(args)} exited {proc.returncode}, want {exit_code}\n"
+        f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-2000:]}")
+    if exit_code != 0:
+        assert "Traceback" not in proc.stderr, proc.stderr
+    return res

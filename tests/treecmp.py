@@ -54,7 +54,10 @@ def snapshot(root: str | os.PathLike[str], *, contents: bool = True,
     return snap
 
 
-def diff(a: dict[bytes, tuple[Any, ...]], b: dict[bytes, tuple[Any, ...]], limit: int = 10) -> list[str]:
+Snapshot = dict[bytes, tuple[Any, ...]]
+
+
+def diff(a: Snapshot, b: Snapshot, limit: int = 10) -> list[str]:
     """Human-readable differences (empty when equal)."""
     out = []
     for p in sorted(set(a) | set(b)):

@@ -199,9 +199,11 @@ class Index:
     def decode(cls, raw: bytes) -> Index:
         try:
             doc = msgpack.unpackb(raw, raw=False, use_list=False, strict_map_key=False)
-            if not isinstance(doc, dict) or doc.get("v") != INDEX_VERSION:
+            if not isinstance(doc, dict):
+                raise ValueError("not a map")
+            if doc.get("v") != INDEX_VERSION:
                 raise ValueError(f"unsupported index version {doc.get('v')!r}")
-            entries = [Entry._make(row) for row in doc["entries"]]
+            entries = [_checked(Entry._make(row)) for row in doc["entries"]]
             config = _thaw(doc.get("config") or {})
         except (ValueError, TypeError, KeyError, msgpack.UnpackException) as err:
             raise IndexError_(f"malformed image index: {err}") from err
@@ -212,6 +214,27 @@ class Index:
         idx._encoded = raw
         idx._validate()
         return idx
+
+
+_INT_FIELDS = ("mode", "uid", "gid", "size", "mtime_ns", "rdev")
+
+
+def _checked(e: Entry) -> Entry:
+    """Field types of a decoded entry; a crafted index must not smuggle in odd types."""
+    if not isinstance(e.path, bytes) or not isinstance(e.kind, str):
+        raise TypeError(f"entry {e.path!r}: path must be bytes and kind a string")
+    for name in _INT_FIELDS:
+        if type(getattr(e, name)) is not int:
+            raise TypeError(f"entry {e.path!r}: {name} must be an integer")
+    for name in ("digest", "target"):
+        if getattr(e, name) is not None and not isinstance(getattr(e, name), bytes):
+            raise TypeError(f"entry {e.path!r}: {name} must be bytes")
+    if e.xattrs is not None and not (isinstance(e.xattrs, dict) and all(
+            isinstance(k, str) and isinstance(v, bytes) for k, v in e.xattrs.items())):
+        raise TypeError(f"entry {e.path!r}: xattrs must map names to bytes")
+    if e.link is not None and type(e.link) is not int:
+        raise TypeError(f"entry {e.path!r}: link must be an integer")
+    return e
 
 
 def _thaw(obj: Any) -> Any:
