@@ -3,7 +3,10 @@
 One LMDB environment per state directory (``<state>/store``), shared by every process of
 the machine (the node, its FUSE daemon, builders, the CLI): LMDB serialises writers with
 its lock file and gives readers lock-free snapshots, and a commit is atomic, so a process
-SIGKILLed mid-write leaves the last committed state, never a half-written blob.
+SIGKILLed mid-write leaves the last committed state, never a half-written blob. Commits
+fsync the data pages but not the meta page (LMDB's NOMETASYNC): an OS crash may lose the
+last transaction, never the integrity of the file; a cache can afford that, and it halves
+the fsyncs of every write.
 
 Sub-databases, keys and values (every integer is unsigned big-endian; a digest is the
 32-byte BLAKE3 of the bytes it names):

@@ -120,7 +120,8 @@ class _EnvRegistry:
             if env is None:
                 try:
                     env = lmdb.open(path, max_dbs=len(_DBS) + 2, map_size=map_size,
-                                    max_readers=1024, readahead=False, subdir=True)
+                                    max_readers=1024, readahead=False, subdir=True, sync=True,
+                                    metasync=False)
                 except lmdb.Error as err:
                     raise StoreError(f"cannot open store {path}: {err}") from err
                 env.reader_check()  # drop reader slots of processes that died
