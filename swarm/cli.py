@@ -13,7 +13,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -137,6 +137,38 @@ def image_import(obj: Context, src: str, names: tuple[str, ...]) -> None:
     prog, finish = _progress("import")
     try:
         rec = import_source(obj.store, src, list(names), progress=prog)
+    finally:
+        finish()
+    click.echo(to_hex(rec.id))
+
+
+@image.command("debootstrap")
+@click.argument("suite", default="bookworm")
+@click.option("--variant", default="minbase", show_default=True)
+@click.option("--include", "include", default="", help="Comma-separated extra packages.")
+@click.option("--mirror", default=None, help="Debian mirror (default: deb.debian.org).")
+@click.option("-n", "--name", "names", multiple=True, help="NAME[:TAG] for the image.")
+@click.pass_obj
+def image_debootstrap(obj: Context, suite: str, variant: str, include: str,
+                      mirror: str | None, names: tuple[str, ...]) -> None:
+    """Build a Debian SUITE root with debootstrap (cached per recipe) and import it."""
+    from swarm.build.debootstrap import DEFAULT_MIRROR, ensure_rootfs
+    from swarm.build.importer import import_directory
+    from swarm.fs.images import parse_name
+
+    for n in names:
+        parse_name(n)
+    pkgs = [p for p in include.split(",") if p]
+    click.echo(f"debootstrap {suite} ({variant}{', ' + ', '.join(pkgs) if pkgs else ''})...",
+               err=True)
+    root = ensure_rootfs(suite, variant, pkgs, mirror or DEFAULT_MIRROR)
+    prog, finish = _progress("import")
+    try:
+        rec = import_directory(obj.store, root, list(names), progress=prog,
+                               source_label=f"debootstrap:{suite}:{variant}:{include}",
+                               config={"Cmd": ["/bin/bash"], "Env": [
+                                   "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:"
+                                   "/sbin:/bin"]})
     finally:
         finish()
     click.echo(to_hex(rec.id))
@@ -328,7 +360,7 @@ def _human(n: int | None) -> str:
     return str(n)
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(header)]
     for r in [header, *rows]:
