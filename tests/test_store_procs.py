@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+from conftest import run_cli
 from swarm.digest import hash_bytes
 from swarm.store import Store
 
@@ -32,7 +33,7 @@ def blob(i: int) -> bytes:
 
 
 def test_sigkill_mid_put_leaves_a_clean_store(tmp_path):
-    path = str(tmp_path / "store")
+    path = str(tmp_path / "state" / "store")  # where `swarm --state-dir state` looks
     Store(path, chunk_size=CHUNK).close()
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, path, str(CHUNK), str(start)],
                               stdout=subprocess.PIPE, text=True) for start in (0, 1)]
@@ -64,6 +65,8 @@ def test_sigkill_mid_put_leaves_a_clean_store(tmp_path):
         # and it is writable again
         d = s.put(b"after the crash")
         assert s.get(d) == b"after the crash"
+    out = run_cli(["--state-dir", str(tmp_path / "state"), "cache", "verify"]).stdout
+    assert out.startswith("clean:"), out
 
 
 def test_reader_in_another_process_sees_commits(tmp_path):
