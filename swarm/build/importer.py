@@ -64,8 +64,8 @@ def walk(root: bytes) -> Iterator[tuple[bytes, os.stat_result]]:
     while stack:
         rel = stack.pop()
         with os.scandir(root + rel if rel else root) as it:
-            children = sorted(it, key=lambda d: d.name)
-        for d in reversed(children):
+            children = list(it)  # any order: the Index sorts
+        for d in children:
             st = d.stat(follow_symlinks=False)
             path = rel + b"/" + os.fsencode(d.name)
             yield path, st

@@ -710,7 +710,9 @@ class Batch:
         blobs = self.store.db["blobs"]
         now = time.time_ns()
         if txn.put(digest, data, db=blobs, overwrite=False):
-            self.store._set_use(txn, digest, now, len(data))
+            # a new leaf has no use record yet (they are created and deleted together)
+            txn.put(digest, _USE.pack(now, len(data)), db=self.store.db["use"])
+            txn.put(_U64.pack(now) + digest, b"", db=self.store.db["lru"])
             self._delta_bytes += len(data)
             self._delta_blobs += 1
             self._pending_bytes += len(data)
