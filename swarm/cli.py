@@ -68,6 +68,12 @@ class Context:
                                 budget_bytes=parse_size(budget) if budget else None)
         return self._store
 
+    def source_stores(self) -> list[Store]:
+        """The stores named by $SWARM_BLOB_SOURCES (colon-separated store directories): the
+        blob sources this machine fetches missing blobs from, until peers do that."""
+        paths = [p for p in os.environ.get("SWARM_BLOB_SOURCES", "").split(":") if p]
+        return [Store(p) for p in paths]
+
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
@@ -336,6 +342,38 @@ def cache_verify(obj: Context, repair: bool) -> None:
     click.echo(f"{len(report.corrupt)} corrupt, {len(report.incomplete)} incomplete of "
                f"{report.checked}" + (f"; removed {report.removed}" if repair else ""))
     sys.exit(4)
+
+
+@cache.command("drop")
+@click.argument("refs", nargs=-1)
+@click.option("--force", is_flag=True,
+              help="Drop blobs even where no blob source holds a copy (they are then lost).")
+@click.pass_obj
+def cache_drop(obj: Context, refs: tuple[str, ...], force: bool) -> None:
+    """Evict the file contents of images (all images when none is named) from the local
+    store, keeping their indexes, so the next start of them is cold. Refuses to drop a blob
+    that no blob source ($SWARM_BLOB_SOURCES) holds, unless --force."""
+    from swarm.fs import images
+
+    ids = [images.resolve(obj.store, r) for r in refs] or [
+        r.id for r in images.list_images(obj.store)]
+    digests: dict[bytes, None] = {}
+    for image_id in ids:
+        digests.update(dict.fromkeys(images.load_index(obj.store, image_id).file_digests()))
+    sources = obj.source_stores()
+    try:
+        if not force:
+            nowhere = [d for d in digests if obj.store.missing(d) != [d]
+                       and not any(src.has(d) for src in sources)]
+            if nowhere:
+                raise UsageError(
+                    f"{len(nowhere)} blobs of these images are held nowhere else "
+                    f"(first: {to_hex(nowhere[0])}); set SWARM_BLOB_SOURCES or use --force")
+        removed = obj.store.drop(digests)
+    finally:
+        for src in sources:
+            src.close()
+    click.echo(f"dropped {removed} blobs of {len(ids)} images")
 
 
 @cache.command("gc")
