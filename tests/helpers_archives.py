@@ -250,5 +250,6 @@ def tar_directory(src: Path, dest: Path) -> None:
 
 def skopeo(*args: str) -> None:
     assert SKOPEO is not None
-    subprocess.run([SKOPEO, "--insecure-policy", *args], check=True, capture_output=True,
-                   timeout=SKOPEO_TIMEOUT_S)
+    done = subprocess.run([SKOPEO, "--insecure-policy", *args], capture_output=True,
+                          timeout=SKOPEO_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")

@@ -292,6 +292,14 @@ def test_hard_links_across_layers(store: Store) -> None:
     assert by[b"/bin/python3.11"].link is None
 
 
+def test_hard_link_over_the_directory_holding_its_target(store: Store) -> None:
+    l1 = tar_bytes([dir_("d"), reg("d/f", b"content")])
+    by = apply_layers(store, l1, tar_bytes([hard("d", "d/f")])).by_path
+    assert list(by) == [b"/", b"/d"]
+    assert by[b"/d"].kind == "file" and by[b"/d"].link is None
+    assert by[b"/d"].digest == hash_bytes(b"content")
+
+
 def test_hard_link_whose_target_this_layer_whites_out_is_refused(store: Store) -> None:
     l1 = tar_bytes([reg("a", b"1")])
     l2 = tar_bytes([hard("b", "a"), whiteout("a")])

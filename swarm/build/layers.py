@@ -474,13 +474,15 @@ class TreeBuilder:
                                    "in the image before it")
             if target.kind == "dir":
                 raise layer.refuse(m.name, "hard link to a directory")
+            self._insert(layer, m.name, target._replace(path=path), touched)
+            if m.link_target not in self._entries:
+                continue  # the link replaced a directory holding its target: one inode left
             group = self._group_of.get(m.link_target)
             if group is None:
                 group = self._next_group
                 self._next_group += 1
                 self._group_of[m.link_target] = group
                 self._groups[group] = {m.link_target}
-            self._insert(layer, m.name, target._replace(path=path), touched)
             self._group_of[path] = group
             self._groups[group].add(path)
 

@@ -456,13 +456,15 @@ def _apply_layer(builder: TreeBuilder, blobs: _Blobs, spec: _LayerSpec, batch: B
             diff = _Verifier(stream, f"{spec.label} (uncompressed)")
             tf = open_tar_stream(cast(IO[bytes], diff), spec.label)
             builder.apply_tar(tf, batch, progress, spec.label, before_apply=verify)
-        except ImportRefused:
-            # A damaged or tampered blob often fails as a bad tar first; when its digest is
-            # wrong, that is the real news.
-            raw.finish()
-            raise
-        except ARCHIVE_ERRORS as err:
-            raw.finish()
+        except (ImportRefused, *ARCHIVE_ERRORS) as err:  # type: ignore[misc]
+            # A damaged or tampered blob often fails as a bad tar first; when a digest or
+            # diff_id does not match, that is the real news.
+            if diff is None:
+                raw.finish()
+            else:
+                verify()
+            if isinstance(err, ImportRefused):
+                raise
             raise ImportRefused(f"{spec.label}: unreadable layer ({err})") from err
 
 
