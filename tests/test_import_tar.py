@@ -4,9 +4,12 @@ application against a reference model of overlay lookup."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -220,6 +223,40 @@ def test_not_a_tar_is_refused(store: Store) -> None:
 def test_empty_tar_is_an_image_with_only_a_root(store: Store) -> None:
     idx = import_bytes(store, end_blocks())
     assert [(e.path, e.kind) for e in idx] == [(b"/", "dir")]
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="GNU tar is not installed")
+def test_gnu_tar_of_a_tree_equals_its_directory_import(store: Store, tmp_path: Path) -> None:
+    """GNU tar's pax format keeps ns mtimes, xattrs and hard links: importing the tarball
+    must give exactly the image that importing the directory gives (the same id)."""
+    from swarm.build.importer import import_directory
+
+    root = tmp_path / "tree"
+    (root / "d" / "e").mkdir(parents=True)
+    (root / "d" / "f").write_bytes(BIG)
+    os.link(root / "d" / "f", root / "g")
+    os.symlink("d/f", root / "s")
+    os.mkfifo(root / "p")
+    (root / "suid").write_bytes(b"x")
+    os.chmod(root / "suid", 0o4755)
+    xattr = b"\x00binary\xff"
+    with contextlib.suppress(OSError):  # filesystems without user xattrs still test the rest
+        os.setxattr(root / "d" / "f", "user.k", xattr)
+    for i, p in enumerate(sorted(root.rglob("*"), reverse=True)):
+        os.utime(p, ns=(1, 1_700_000_000_123_456_789 + i), follow_symlinks=False)
+    os.utime(root, ns=(1, 1_600_000_000_000_000_001))
+    archive = tmp_path / "tree.tar.gz"
+    subprocess.run(["tar", "-C", str(root), "--format=posix", "--xattrs", "--xattrs-include=*",
+                    "--numeric-owner", "-czf", str(archive), "."], check=True)
+    from_tar = import_tar(store, archive, [])
+    from_dir = import_directory(store, root, [])
+    assert images.load_index(store, from_tar.id).encode() == \
+        images.load_index(store, from_dir.id).encode()
+    assert from_tar.id == from_dir.id
+    by = images.load_index(store, from_tar.id).by_path
+    assert by[b"/g"].link == by[b"/d/f"].link == 0 and by[b"/p"].kind == "fifo"
+    if os.listxattr(root / "d" / "f"):
+        assert by[b"/d/f"].xattrs == {"user.k": xattr}
 
 
 # --------------------------------------------------------------------------- layers

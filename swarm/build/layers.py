@@ -214,7 +214,6 @@ class _Layer:
     """What one layer says, collected while its members stream past."""
 
     label: str
-    index: int
     kinds: dict[bytes, str] = field(default_factory=dict)  # path -> tar kind, in this layer
     entries: dict[bytes, _Member] = field(default_factory=dict)
     links: dict[bytes, _Member] = field(default_factory=dict)
@@ -268,7 +267,7 @@ class TreeBuilder:
         reaches the tree. Raises ImportRefused naming the entry for hostile or malformed
         input; the tree is then unusable (callers drop the builder).
         """
-        layer = _Layer(layer_name, self.layers)
+        layer = _Layer(layer_name)
         self.layers += 1
         current: str | None = None  # the member being read
         try:
