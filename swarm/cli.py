@@ -294,6 +294,74 @@ def image_tag(obj: Context, ref: str, name: str) -> None:
     images.register(obj.store, images.load_index(obj.store, image_id), [name], source="tag")
 
 
+# ---------------------------------------------------------------------------- run, ps
+@cli.command("run", context_settings={"allow_interspersed_args": False})
+@click.option("--rm", is_flag=True, help="Accepted for docker compatibility: swarm never "
+              "keeps a stopped container.")
+@click.option("-i", "--interactive", is_flag=True, help="Keep stdin open to the container.")
+@click.option("-e", "--env", "env", multiple=True, help="K=V, or K to pass the host's value.")
+@click.option("-w", "--workdir", default=None, help="Working directory inside the container.")
+@click.option("-u", "--user", default=None, help="USER[:GROUP] or UID[:GID].")
+@click.option("--cpus", default=None, help="CPU limit, e.g. 1.5.")
+@click.option("-m", "--memory", default=None, help="Memory limit, e.g. 512m, 2g.")
+@click.option("--net", "--network", "network", type=click.Choice(["host", "none"]),
+              default="host", show_default=True)
+@click.option("--entrypoint", default=None, help="Override the image's entrypoint.")
+@click.option("--init", is_flag=True, help="Run tini as pid 1 (signals, zombie reaping).")
+@click.option("--hostname", default=None)
+@click.option("-v", "--volume", "volumes", multiple=True,
+              help="Bind mount HOST_PATH:CONTAINER_PATH[:ro].")
+@click.argument("image_ref", metavar="IMAGE")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def run(obj: Context, rm: bool, interactive: bool, env: tuple[str, ...], workdir: str | None,
+        user: str | None, cpus: str | None, memory: str | None, network: str,
+        entrypoint: str | None, init: bool, hostname: str | None,
+        volumes: tuple[str, ...], image_ref: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND in a new container of IMAGE, like `docker run`; exits with its code."""
+    import asyncio
+
+    from swarm.node import Engine, RunOptions
+    from swarm.runtime.spec import BindMount, parse_cpus, parse_env, parse_memory
+
+    opts = RunOptions(
+        args=list(command), env=parse_env(env, os.environ), cwd=workdir, user=user,
+        cpus=parse_cpus(cpus) if cpus else None,
+        memory_bytes=parse_memory(memory) if memory else None,
+        network="none" if network == "none" else "host", stdin=interactive,
+        entrypoint=[entrypoint] if entrypoint is not None else None, init=init,
+        hostname=hostname, binds=[BindMount.parse(v) for v in volumes])
+    sources = [p for p in os.environ.get("SWARM_BLOB_SOURCES", "").split(":") if p]
+
+    async def go() -> int:
+        async with Engine(obj.state_dir, source=sources[0] if sources else None,
+                          mount_idle_s=0) as engine:
+            return await engine.async_run(image_ref, opts, forward_signals=True)
+
+    obj.close()  # the engine opens its own handle on the store
+    code = asyncio.run(go())
+    sys.exit(code)
+
+
+@cli.command("ps")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def ps(obj: Context, as_json: bool) -> None:
+    """List running containers."""
+    from swarm.node import cleanup_dead_engines, list_containers
+
+    cleanup_dead_engines(obj.state_dir)  # what crashed `swarm run`s left is not running
+    items = list_containers(obj.state_dir)
+    if as_json:
+        click.echo(json.dumps([c.as_json() for c in items], indent=2))
+        return
+    rows = []
+    for c in items:
+        age = time.time() - c.created
+        rows.append((c.id, c.image, c.command[:40], f"{age:.0f} s ago", c.status, str(c.pid)))
+    _table(("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PID"), rows)
+
+
 # ---------------------------------------------------------------------------- cache
 @cli.group()
 def cache() -> None:

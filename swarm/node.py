@@ -1,0 +1,212 @@
+"""The composition root: the one place that knows every part (store, image mounts,
+overlays, runc) and wires them into "run this image".
+
+Until the long-running ``swarm node`` daemon exists, each CLI process that runs containers
+is an *embedded* node: an :class:`Engine` with a private directory
+``<state>/engines/<pid>/`` holding its FUSE mounts, overlay mounts, runc state and bundles.
+Private, because several ``swarm run`` processes may share one state directory and must
+never tear down each other's mounts; the store (``<state>/store``) is shared by all of
+them, as LMDB allows. An engine's directory is removed when it closes; one left by a
+process that died (SIGKILL) is cleaned by the next engine that starts: its containers
+deleted, its overlays and FUSE mounts unmounted, its daemons stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from swarm.digest import short, to_hex
+from swarm.errors import RuntimeFailure
+from swarm.fs import images
+from swarm.fs import mounts as fs_mounts
+from swarm.fs.mounts import MountManager
+from swarm.runtime import overlay as overlay_mod
+from swarm.runtime.runc import Runc, new_container_id, process_start_time
+from swarm.runtime.spec import BindMount, ContainerSpec, Network
+from swarm.store import Store
+
+log = logging.getLogger(__name__)
+
+ENGINES_DIR = "engines"
+OWNER_FILE = "owner.json"
+CONTAINERS_DIR = "containers"
+LABEL_IMAGE = "swarm.image"
+LABEL_IMAGE_ID = "swarm.image.id"
+LABEL_COMMAND = "swarm.command"
+LABEL_CREATED = "swarm.created"
+
+
+def _owner_alive(owner: dict[str, Any]) -> bool:
+    pid = int(owner.get("pid", 0))
+    if pid <= 0:
+        return False
+    start = process_start_time(pid)
+    return start is not None and start == owner.get("start")
+
+
+def cleanup_dead_engines(state_dir: Path) -> list[Path]:
+    """Remove what processes that died left under ``<state>/engines``: containers first,
+    then overlays (they sit on the image mounts), then the FUSE mounts and daemons."""
+    removed: list[Path] = []
+    root = state_dir / ENGINES_DIR
+    if not root.is_dir():
+        return removed
+    for d in root.iterdir():
+        try:
+            owner = json.loads((d / OWNER_FILE).read_text())
+        except (OSError, ValueError):
+            owner = {}
+        if _owner_alive(owner):
+            continue
+        with contextlib.suppress(Exception):
+            Runc(d).cleanup_leftovers()
+        with contextlib.suppress(Exception):
+            overlay_mod.cleanup_leftovers(d)
+        with contextlib.suppress(Exception):
+            fs_mounts.cleanup_leftovers(d)
+        if not fs_mounts.swarm_mounts(d) and not overlay_mod.mounts_under(d):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+        else:
+            log.warning("could not clean up %s: mounts remain", d)
+    return removed
+
+
+@dataclass
+class RunOptions:
+    """What ``swarm run`` takes, docker-style."""
+
+    args: Sequence[str] = ()
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    user: str | None = None
+    cpus: float | None = None
+    memory_bytes: int | None = None
+    network: Network = "host"
+    stdin: bool = False
+    entrypoint: Sequence[str] | None = None
+    init: bool = False
+    hostname: str | None = None
+    binds: Sequence[BindMount] = ()
+
+
+class Engine:
+    """An embedded node: runs containers of images from the shared store."""
+
+    def __init__(self, state_dir: str | os.PathLike[str], *,
+                 source: str | os.PathLike[str] | None = None,
+                 mount_idle_s: float = fs_mounts.MOUNT_IDLE_S, prefetch: bool = True) -> None:
+        self.state_dir = Path(state_dir).absolute()
+        self.dir = self.state_dir / ENGINES_DIR / str(os.getpid())
+        self.source = source
+        self.mount_idle_s = mount_idle_s
+        self.prefetch = prefetch
+        self._stack = contextlib.AsyncExitStack()
+        self.store: Store
+        self.mounts: MountManager
+        self.runc: Runc
+
+    async def __aenter__(self) -> Engine:
+        await self._stack.__aenter__()
+        try:
+            cleanup_dead_engines(self.state_dir)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            pid = os.getpid()
+            (self.dir / OWNER_FILE).write_text(
+                json.dumps({"pid": pid, "start": process_start_time(pid)}))
+            self._stack.callback(shutil.rmtree, self.dir, True)
+            self.store = Store(self.state_dir / "store")
+            self._stack.callback(self.store.close)
+            self.mounts = await self._stack.enter_async_context(MountManager(
+                self.dir, store_path=self.state_dir / "store", source=self.source,
+                idle_s=self.mount_idle_s, prefetch=self.prefetch))
+            self.runc = Runc(self.dir)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def async_run(self, image_ref: str, opts: RunOptions, *,
+                        stdout: IO[bytes] | int | None = None,
+                        stderr: IO[bytes] | int | None = None,
+                        container_id: str | None = None,
+                        forward_signals: bool = False) -> int:
+        """Run one container of ``image_ref`` to completion; returns its exit code."""
+        image_id = images.resolve(self.store, image_ref)
+        index = images.load_index(self.store, image_id)
+        container_id = container_id or new_container_id()
+        lower = await self.mounts.acquire(image_id)
+        try:
+            cdir = self.dir / CONTAINERS_DIR / container_id
+            ov = overlay_mod.mount_overlay([lower], cdir)
+            try:
+                spec = ContainerSpec(
+                    rootfs=ov.merged, args=list(opts.args), env=dict(opts.env or {}),
+                    cwd=opts.cwd, user=opts.user, cpus=opts.cpus,
+                    memory_bytes=opts.memory_bytes, network=opts.network, stdin=opts.stdin,
+                    entrypoint=list(opts.entrypoint) if opts.entrypoint is not None else None,
+                    init=opts.init, hostname=opts.hostname, binds=list(opts.binds),
+                    labels={LABEL_IMAGE: image_ref, LABEL_IMAGE_ID: to_hex(image_id),
+                            LABEL_COMMAND: shlex.join(opts.args) if opts.args else "",
+                            LABEL_CREATED: str(time.time())})
+                return await self.runc.async_run(
+                    spec, index.config, container_id=container_id, stdout=stdout,
+                    stderr=stderr, forward_signals=forward_signals)
+            finally:
+                ov.unmount(remove=True)
+                shutil.rmtree(cdir, ignore_errors=True)
+        finally:
+            await self.mounts.release(image_id)
+
+
+@dataclass
+class ContainerInfo:
+    id: str
+    image: str
+    image_id: str
+    command: str
+    created: float
+    status: str
+    pid: int
+    engine: str
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def list_containers(state_dir: str | os.PathLike[str]) -> list[ContainerInfo]:
+    """Every container of every live engine on this state directory (``swarm ps``)."""
+    out: list[ContainerInfo] = []
+    root = Path(state_dir) / ENGINES_DIR
+    if not root.is_dir():
+        return out
+    for d in sorted(root.iterdir()):
+        if not (d / "runc").is_dir():
+            continue
+        try:
+            entries = Runc(d).list_containers()
+        except RuntimeFailure:
+            continue
+        for e in entries:
+            ann = e.get("annotations") or {}
+            out.append(ContainerInfo(
+                id=e["id"], image=ann.get(LABEL_IMAGE, "?"),
+                image_id=short(bytes.fromhex(ann[LABEL_IMAGE_ID])) if ann.get(
+                    LABEL_IMAGE_ID) else "?",
+                command=ann.get(LABEL_COMMAND, ""),
+                created=float(ann.get(LABEL_CREATED, 0) or 0), status=e.get("status", "?"),
+                pid=int(e.get("pid", 0)), engine=d.name))
+    return out
