@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ops.bench.common import median_time, row, verdict  # noqa: E402
-from swarm.build.debootstrap import ensure_rootfs  # noqa: E402
-from swarm.build.importer import import_directory  # noqa: E402
-from swarm.store import Store  # noqa: E402
+from ops.bench.common import median_time, row, verdict
+from swarm.build.debootstrap import ensure_rootfs
+from swarm.build.importer import import_directory
+from swarm.store import Store
 
 
 def tree_bytes(root: Path) -> int:
@@ -88,7 +88,8 @@ def main() -> None:
         row("image 1 (minbase) content", f"{r1.content_bytes / 1e6:.1f} MB")
         row("image 2 (minbase + python3) content", f"{r2.content_bytes / 1e6:.1f} MB")
         row("sum of both images", f"{total / 1e6:.1f} MB")
-        row("stored in the CAS", f"{stored / 1e6:.1f} MB", f"{100 * stored / total:.1f} % of the sum")
+        row("stored in the CAS", f"{stored / 1e6:.1f} MB",
+            f"{100 * stored / total:.1f} % of the sum")
         second = r2.new_bytes / r2.content_bytes
         row("image 2 added to the store", f"{r2.new_bytes / 1e6:.1f} MB",
             f"{100 * second:.1f} % of its size")
