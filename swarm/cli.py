@@ -422,6 +422,7 @@ def cache_drop(obj: Context, refs: tuple[str, ...], force: bool) -> None:
     store, keeping their indexes, so the next start of them is cold. Refuses to drop a blob
     that no blob source ($SWARM_BLOB_SOURCES) holds, unless --force."""
     from swarm.fs import images
+    from swarm.fs.hotdir import remove_hot_trees
 
     ids = [images.resolve(obj.store, r) for r in refs] or [
         r.id for r in images.list_images(obj.store)]
@@ -438,6 +439,8 @@ def cache_drop(obj: Context, refs: tuple[str, ...], force: bool) -> None:
                     f"{len(nowhere)} blobs of these images are held nowhere else "
                     f"(first: {to_hex(nowhere[0])}); set SWARM_BLOB_SOURCES or use --force")
         removed = obj.store.drop(digests)
+        for image_id in ids:  # local copies of hot files go too, or the start is not cold
+            remove_hot_trees(obj.state_dir, image_id)
     finally:
         for src in sources:
             src.close()

@@ -13,6 +13,7 @@ deleted, its overlays and FUSE mounts unmounted, its daemons stopped.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -29,6 +30,7 @@ from swarm.digest import short, to_hex
 from swarm.errors import RuntimeFailure
 from swarm.fs import images
 from swarm.fs import mounts as fs_mounts
+from swarm.fs.hotdir import ensure_hot_tree
 from swarm.fs.mounts import MountManager
 from swarm.runtime import overlay as overlay_mod
 from swarm.runtime.runc import Runc, new_container_id, process_start_time
@@ -105,12 +107,14 @@ class Engine:
 
     def __init__(self, state_dir: str | os.PathLike[str], *,
                  source: str | os.PathLike[str] | None = None,
-                 mount_idle_s: float = fs_mounts.MOUNT_IDLE_S, prefetch: bool = True) -> None:
+                 mount_idle_s: float = fs_mounts.MOUNT_IDLE_S, prefetch: bool = True,
+                 hot_trees: bool = True) -> None:
         self.state_dir = Path(state_dir).absolute()
         self.dir = self.state_dir / ENGINES_DIR / str(os.getpid())
         self.source = source
         self.mount_idle_s = mount_idle_s
         self.prefetch = prefetch
+        self.hot_trees = hot_trees
         self._stack = contextlib.AsyncExitStack()
         self.store: Store
         self.mounts: MountManager
@@ -150,8 +154,14 @@ class Engine:
         container_id = container_id or new_container_id()
         lower = await self.mounts.acquire(image_id)
         try:
+            lowers = [lower]
+            if self.hot_trees:
+                hot = await asyncio.to_thread(ensure_hot_tree, self.store, self.state_dir,
+                                              image_id)
+                if hot is not None:
+                    lowers.insert(0, hot)  # local files first; the FUSE mount for the rest
             cdir = self.dir / CONTAINERS_DIR / container_id
-            ov = overlay_mod.mount_overlay([lower], cdir)
+            ov = overlay_mod.mount_overlay(lowers, cdir)
             try:
                 spec = ContainerSpec(
                     rootfs=ov.merged, args=list(opts.args), env=dict(opts.env or {}),

@@ -10,7 +10,9 @@ them).
 from __future__ import annotations
 
 import re
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,8 +147,28 @@ def record(store: Store, image_id: bytes) -> ImageRecord:
     return ImageRecord.decode(image_id, bytes(raw))
 
 
+# Decoded indexes by image id. An index is immutable (its id is its digest), so a process
+# may keep it: decoding and validating a 40k-entry index costs ~100 ms, too much for the
+# container start path.
+INDEX_CACHE_SIZE = 16
+_index_cache: OrderedDict[bytes, Index] = OrderedDict()
+_index_cache_lock = threading.Lock()
+
+
 def load_index(store: Store, image_id: bytes) -> Index:
-    return Index.decode(store.get(image_id))
+    with _index_cache_lock:
+        idx = _index_cache.get(image_id)
+        if idx is not None:
+            _index_cache.move_to_end(image_id)
+            return idx
+    idx = Index.decode(store.get(image_id))
+    if idx.image_id != image_id:  # a store that returned other bytes than were asked for
+        raise NotFound(f"index blob {to_hex(image_id)} does not match its digest")
+    with _index_cache_lock:
+        _index_cache[image_id] = idx
+        while len(_index_cache) > INDEX_CACHE_SIZE:
+            _index_cache.popitem(last=False)
+    return idx
 
 
 def list_images(store: Store) -> list[ImageRecord]:

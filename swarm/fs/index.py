@@ -203,7 +203,7 @@ class Index:
                 raise ValueError("not a map")
             if doc.get("v") != INDEX_VERSION:
                 raise ValueError(f"unsupported index version {doc.get('v')!r}")
-            entries = [_checked(Entry._make(row)) for row in doc["entries"]]
+            entries = [_checked(row) for row in doc["entries"]]
             config = _thaw(doc.get("config") or {})
         except (ValueError, TypeError, KeyError, msgpack.UnpackException) as err:
             raise IndexError_(f"malformed image index: {err}") from err
@@ -216,25 +216,23 @@ class Index:
         return idx
 
 
-_INT_FIELDS = ("mode", "uid", "gid", "size", "mtime_ns", "rdev")
-
-
-def _checked(e: Entry) -> Entry:
-    """Field types of a decoded entry; a crafted index must not smuggle in odd types."""
-    if not isinstance(e.path, bytes) or not isinstance(e.kind, str):
-        raise TypeError(f"entry {e.path!r}: path must be bytes and kind a string")
-    for name in _INT_FIELDS:
-        if type(getattr(e, name)) is not int:
-            raise TypeError(f"entry {e.path!r}: {name} must be an integer")
-    for name in ("digest", "target"):
-        if getattr(e, name) is not None and not isinstance(getattr(e, name), bytes):
-            raise TypeError(f"entry {e.path!r}: {name} must be bytes")
-    if e.xattrs is not None and not (isinstance(e.xattrs, dict) and all(
-            isinstance(k, str) and isinstance(v, bytes) for k, v in e.xattrs.items())):
-        raise TypeError(f"entry {e.path!r}: xattrs must map names to bytes")
-    if e.link is not None and type(e.link) is not int:
-        raise TypeError(f"entry {e.path!r}: link must be an integer")
-    return e
+def _checked(row: Any) -> Entry:
+    """An entry from a decoded row, with every field's type checked: a crafted index must
+    not smuggle odd types into the filesystem. One expression, since it runs per entry."""
+    if type(row) is not tuple or len(row) != len(Entry._fields):
+        raise TypeError(f"entry {row!r:.60}: want {len(Entry._fields)} fields")
+    path, kind, mode, uid, gid, size, mtime, digest, target, rdev, xattrs, link = row
+    if not (type(path) is bytes and type(kind) is str and type(mode) is int
+            and type(uid) is int and type(gid) is int and type(size) is int
+            and type(mtime) is int and type(rdev) is int
+            and (digest is None or type(digest) is bytes)
+            and (target is None or type(target) is bytes)
+            and (link is None or type(link) is int)):
+        raise TypeError(f"entry {path!r:.60}: a field has the wrong type")
+    if xattrs is not None and not (type(xattrs) is dict and all(
+            type(k) is str and type(v) is bytes for k, v in xattrs.items())):
+        raise TypeError(f"entry {path!r:.60}: xattrs must map names to bytes")
+    return Entry._make(row)
 
 
 def _thaw(obj: Any) -> Any:
