@@ -155,11 +155,9 @@ class Engine:
         lower = await self.mounts.acquire(image_id)
         try:
             lowers = [lower]
-            if self.hot_trees:
-                hot = await asyncio.to_thread(ensure_hot_tree, self.store, self.state_dir,
-                                              image_id)
-                if hot is not None:
-                    lowers.insert(0, hot)  # local files first; the FUSE mount for the rest
+            hot = await self._hot_tree(image_id) if self.hot_trees else None
+            if hot is not None:
+                lowers.insert(0, hot)  # local files first; the FUSE mount for the rest
             cdir = self.dir / CONTAINERS_DIR / container_id
             ov = overlay_mod.mount_overlay(lowers, cdir)
             try:
@@ -180,6 +178,19 @@ class Engine:
                 shutil.rmtree(cdir, ignore_errors=True)
         finally:
             await self.mounts.release(image_id)
+
+
+    async def _hot_tree(self, image_id: bytes) -> Path | None:
+        """The image's hot tree. On a cold node whose image has a recorded hot set, the
+        mount's prefetch of it is awaited first: the files will be read at start-up
+        anyway, and fetched in parallel and then served by the kernel from local files
+        they arrive sooner than one blocking FUSE read at a time."""
+        hot = await asyncio.to_thread(ensure_hot_tree, self.store, self.state_dir, image_id)
+        if hot is None and self.prefetch and images.hot_set(self.store, image_id):
+            await self.mounts.control(image_id, "prefetch-wait")
+            hot = await asyncio.to_thread(ensure_hot_tree, self.store, self.state_dir,
+                                          image_id)
+        return hot
 
 
 @dataclass

@@ -119,9 +119,12 @@ class _EnvRegistry:
             env, refs = self._envs.get(path, (None, 0))
             if env is None:
                 try:
+                    # readahead stays on: a cold FUSE read of a multi-MB blob otherwise
+                    # faults the map in one 4 KiB page at a time (measured: cold numpy
+                    # start 1.65 s -> 1.15 s with readahead)
                     env = lmdb.open(path, max_dbs=len(_DBS) + 2, map_size=map_size,
-                                    max_readers=1024, readahead=False, subdir=True, sync=True,
-                                    metasync=False)
+                                    max_readers=1024, readahead=True, subdir=True,
+                                    sync=True, metasync=False)
                 except lmdb.Error as err:
                     raise StoreError(f"cannot open store {path}: {err}") from err
                 env.reader_check()  # drop reader slots of processes that died
