@@ -166,3 +166,51 @@ def test_swarm_process_sigkilled_leaves_nothing_after_next_command(state, tmp_pa
     ps = json.loads(run_cli(["ps", "--json"], state_dir=state).stdout)
     assert ps == []
     # the autouse fixture checks mounts, overlays, containers and engine dirs are gone
+
+
+def test_hot_tree_serves_hot_files_without_the_daemon(state, tmp_path):
+    """After a run records the hot set, later starts stack a plain directory of the hot
+    files above the FUSE mount: same bytes and metadata, and no FUSE open for them."""
+    from swarm.fs import images
+    from swarm.fs.hotdir import hot_tree_dir, remove_hot_trees
+    from treecmp import snapshot
+
+    script = "import json, email.parser; print(json.dumps({'ok': 1}))"
+
+    async def scenario() -> None:
+        async with Engine(state, mount_idle_s=60) as engine:
+            image_id = images.resolve(engine.store, "py")
+            await engine.mounts.acquire(image_id)
+            try:
+                out = tmp_path / "out1"
+                with open(out, "wb") as f:
+                    assert await engine.async_run("py", RunOptions(
+                        args=["python3", "-c", script]), stdout=f) == 0
+                saved = await engine.mounts.control(image_id, "save-hotset")
+                assert saved["hot_set"], saved
+                await engine.mounts.control(image_id, "reset")
+                with open(tmp_path / "out2", "wb") as f:
+                    assert await engine.async_run("py", RunOptions(
+                        args=["python3", "-c", script]), stdout=f) == 0
+                ops = (await engine.mounts.stats(image_id))["ops"]
+                assert (tmp_path / "out2").read_bytes() == out.read_bytes() == b'{"ok": 1}\n'
+                tree = hot_tree_dir(state, image_id, images.hot_set(engine.store, image_id))
+                # python reads the cached bytecode (and only stats the source)
+                assert (tree / "usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc"
+                        ).is_file()
+                assert ops.get("open", 0) == 0, ops  # every file python opened was local
+                # the tree's entries carry the image's exact metadata and content
+                image_root = fs_mounts.swarm_mounts(engine.dir)[0].mountpoint
+                hot = snapshot(tree)
+                full = snapshot(image_root)
+                for path, attrs in hot.items():
+                    if path == b"/":
+                        continue
+                    # hard-link classes may differ (a tree holds only part of a group)
+                    assert attrs[:9] == full[path][:9], path
+            finally:
+                await engine.mounts.release(image_id)
+            assert remove_hot_trees(state, image_id) == 1
+            assert not tree.exists()
+
+    asyncio.run(scenario())
