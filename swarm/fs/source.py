@@ -157,6 +157,8 @@ class Fetcher:
         self._read_parallel = max(1, read_chunk_concurrency)
         self._leaves: dict[bytes, asyncio.Task[None]] = {}
         self._files: dict[bytes, asyncio.Task[None]] = {}
+        self._to_write: list[tuple[bytes, bytes, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ public
     async def ensure(self, digest: bytes, *, parallel: int | None = None) -> None:
@@ -275,18 +277,44 @@ class Fetcher:
             log.error("blob %s from %s hashes to %s: rejected", to_hex(digest),
                       self.source.name, to_hex(got))
             raise CorruptBlob(to_hex(digest), to_hex(got), where=self.source.name)
-        if big:
-            await asyncio.to_thread(self._put_verified, digest, data)
-        else:
-            self._put_verified(digest, data)
+        await self._put_verified(digest, data)
         self.stats.leaves += 1
         self.stats.bytes += len(data)
 
-    def _put_verified(self, digest: bytes, data: bytes) -> None:
+    async def _put_verified(self, digest: bytes, data: bytes) -> None:
         """Store a leaf whose digest was just computed here (so the store need not hash
-        it again)."""
+        it again), by group commit: leaves that arrive while a commit is running are
+        written together by the next one, on a worker thread. One commit (and fsync) per
+        leaf measured ~2 ms each and serialised a 173-file prefetch to ~400 ms, stalling
+        the event loop that serves FUSE requests."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._to_write.append((digest, data, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write_pending())
+        await done
+
+    async def _write_pending(self) -> None:
+        while self._to_write:
+            items, self._to_write = self._to_write, []
+            try:
+                await asyncio.to_thread(self._write_batch, [(d, b) for d, b, _ in items])
+            except BaseException as err:  # every waiter hears of it; none waits forever
+                for _, _, fut in items:
+                    if not fut.done():
+                        fut.set_exception(err if isinstance(err, Exception)
+                                          else SwarmError(f"store write cancelled: {err!r}"))
+                if not isinstance(err, Exception):
+                    raise
+                continue
+            for _, _, fut in items:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _write_batch(self, items: list[tuple[bytes, bytes]]) -> None:
         with self.store.batch() as batch:
-            batch.put_digest(digest, data)
+            for digest, data in items:
+                batch.put_digest(digest, data)
 
 
 def _forget(table: dict[bytes, asyncio.Task[None]], key: bytes, task: asyncio.Task[None]) -> None:
