@@ -73,3 +73,35 @@ class MountError(SwarmError):
     """A FUSE or overlay mount could not be made or removed."""
 
     exit_code = 9
+
+
+class PeerError(SwarmError):
+    """Talking to another node failed: it is unreachable, went away, or broke the protocol."""
+
+    exit_code = 10
+
+
+class ProtocolError(PeerError):
+    """A frame or message is malformed, too large, replayed or out of order."""
+
+
+class AuthFailed(PeerError):
+    """The other side could not prove it holds the cluster's join token (or we could not)."""
+
+
+class RpcTimeout(PeerError):
+    """A request to a peer or to the local node got no answer in time."""
+
+
+class RemoteError(PeerError):
+    """The other side answered a request with an error; ``code`` says which kind."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NodeNotRunning(SwarmError):
+    """No ``swarm node`` answers on this state directory's socket."""
+
+    exit_code = 11
