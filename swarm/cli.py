@@ -332,6 +332,12 @@ def run(obj: Context, rm: bool, interactive: bool, env: tuple[str, ...], workdir
         entrypoint=[entrypoint] if entrypoint is not None else None, init=init,
         hostname=hostname, binds=[BindMount.parse(v) for v in volumes])
     sources = [p for p in os.environ.get("SWARM_BLOB_SOURCES", "").split(":") if p]
+    if not interactive:  # a running node runs it (stdin is not forwarded: -i runs here)
+        from swarm.cli_node import remote_run
+
+        remote = remote_run(obj.state_dir, image_ref, opts)
+        if remote is not None:
+            sys.exit(remote)
 
     async def go() -> int:
         async with Engine(obj.state_dir, source=sources[0] if sources else None,
@@ -348,10 +354,15 @@ def run(obj: Context, rm: bool, interactive: bool, env: tuple[str, ...], workdir
 @click.pass_obj
 def ps(obj: Context, as_json: bool) -> None:
     """List running containers."""
-    from swarm.node import cleanup_dead_engines, list_containers
+    from swarm.cli_node import remote_ps
+    from swarm.node import ContainerInfo, cleanup_dead_engines, list_containers
 
-    cleanup_dead_engines(obj.state_dir)  # what crashed `swarm run`s left is not running
-    items = list_containers(obj.state_dir)
+    remote = remote_ps(obj.state_dir)  # the running node's view, when one runs
+    if remote is not None:
+        items = [ContainerInfo(**c) for c in remote]
+    else:
+        cleanup_dead_engines(obj.state_dir)  # what crashed `swarm run`s left is not running
+        items = list_containers(obj.state_dir)
     if as_json:
         click.echo(json.dumps([c.as_json() for c in items], indent=2))
         return
@@ -474,6 +485,11 @@ def _table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> None:
               for i, h in enumerate(header)]
     for r in [header, *rows]:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+from swarm.cli_node import register as _register_node_commands  # noqa: E402
+
+_register_node_commands(cli)  # swarm node / up / join
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,72 @@
+"""The node daemon on loopback: `swarm up` / `swarm join`, the local socket, membership,
+wrong tokens, clean shutdown and restart after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+from nodes import Nodes
+
+from conftest import run_cli
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    n = Nodes(tmp_path)
+    try:
+        yield n
+    finally:
+        n.close()
+
+
+def test_up_prints_a_token_and_join_makes_a_member(nodes):
+    a = nodes.start("a", "up")
+    assert a.token.startswith("swarm1-") and a.addr.startswith("127.0.0.1:")
+    b = nodes.start("b", "join", a.addr, "--token", a.token)
+    assert b.token == ""  # a joiner does not print the token
+    assert a.status()["members"] == [b.addr]
+    sb = b.status()
+    assert sb["members"] == [a.addr] and sb["token"] == a.token
+    c = nodes.start("c", "join", b.addr, "--token", a.token)  # any member will do
+    assert sorted(c.status()["members"]) == sorted([a.addr, b.addr])
+    assert sorted(a.status()["members"]) == sorted([b.addr, c.addr])
+    # the CLI talks to the running node
+    assert json.loads(run_cli(["ps", "--json"], state_dir=a.state).stdout) == []
+
+
+def test_wrong_token_cannot_join_and_is_logged(nodes):
+    a = nodes.start("a", "up")
+    bad = nodes.start("bad", "join", a.addr, "--token",
+                      "swarm1-" + "A" * 43, expect_ready=False)
+    assert bad.proc.wait(60) == 10  # PeerError/AuthFailed
+    st = a.status()
+    assert st["members"] == [] and st["refused_peers"] >= 1
+    assert "refused peer" in (nodes.tmp / "a.log").read_text()
+    run_cli(["join", a.addr, "--token", "not-a-token"], 2, state_dir=nodes.tmp / "x")
+
+
+def test_sigterm_stops_cleanly_and_sigkill_leaves_nothing_a_restart_cannot_fix(nodes):
+    a = nodes.start("a", "up")
+    sock = a.state / "node.sock"
+    assert sock.exists()
+    a.proc.send_signal(signal.SIGTERM)
+    assert a.proc.wait(60) == 0
+    assert not sock.exists()
+    assert not any((a.state / "engines").iterdir())
+    # in-process fallback once no node runs
+    assert json.loads(run_cli(["ps", "--json"], state_dir=a.state).stdout) == []
+
+    a2 = nodes.start("a", "up")
+    assert a2.token == a.token  # the cluster survives a restart
+    a2.proc.kill()
+    a2.proc.wait()
+    assert sock.exists()  # left behind by the killed node...
+    a3 = nodes.start("a", "up")  # ...and replaced by its successor
+    assert a3.status()["pid"] == a3.proc.pid
+
+
+def test_a_second_node_on_one_state_dir_is_refused_with_a_message(nodes):
+    a = nodes.start("a", "up")
+    run_cli(["up", "--listen", "127.0.0.1:0"], 2, state_dir=a.state)
