@@ -1,0 +1,405 @@
+"""Images through a real FUSE mount (root): exact trees, verified reads, fetches, hot sets,
+and a mount table left clean."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from swarm.build.importer import import_directory
+from swarm.digest import to_hex
+from swarm.fs import hotset, images
+from swarm.fs.mounts import MountManager, cleanup_leftovers, swarm_mounts
+from swarm.store import Store
+from treecmp import diff, snapshot
+
+pytestmark = pytest.mark.root
+CHUNK = 1024
+DEBIAN_CHUNK = 4096  # a 200 MB tree: 1 KiB chunks would only slow the import
+
+
+@pytest.fixture(autouse=True)
+def mount_table_clean(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every test leaves no swarm FUSE mount (nor daemon) behind."""
+    base = tmp_path_factory.getbasetemp()
+    yield
+    left = swarm_mounts(base)
+    for m in left:
+        cleanup_leftovers(m.mountpoint.parent.parent)
+    assert not left, f"swarm mounts left behind: {left}"
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+# ---------------------------------------------------------------------- trees and images
+def make_small_tree(root: Path) -> None:
+    """Every kind of entry, xattrs, hard links, multi-chunk files."""
+    rnd = random.Random(11)
+    (root / "etc" / "deep" / "er").mkdir(parents=True)
+    (root / "bin").mkdir()
+    (root / "big").write_bytes(rnd.randbytes(20 * CHUNK + 17))
+    (root / "one-chunk").write_bytes(rnd.randbytes(CHUNK))
+    (root / "empty").write_bytes(b"")
+    (root / "etc" / "conf").write_text("key = value\n")
+    os.link(root / "etc" / "conf", root / "bin" / "conf-link")
+    os.link(root / "etc" / "conf", root / "etc" / "deep" / "conf-link2")
+    os.symlink("../etc/conf", root / "bin" / "rel")
+    os.symlink("/nowhere/at/all", root / "bin" / "dangling")
+    os.mkfifo(root / "bin" / "fifo")
+    os.mknod(root / "bin" / "null", 0o666 | 0o020000, os.makedev(1, 3))
+    os.setxattr(root / "etc" / "conf", "user.note", b"hello")
+    os.setxattr(root / "etc", "trusted.swarm-test", b"\x00\x01binary")
+    os.setxattr(root / "big", "user.empty", b"")
+    os.chmod(root / "bin", 0o1755)
+    os.chown(root / "etc" / "deep", 1234, 5678)
+    os.chmod(root / "etc" / "deep" / "er", 0o700)
+    for i in range(5):
+        (root / "bin" / f"f{i}").write_bytes(rnd.randbytes(100 + 900 * i))
+    os.chmod(root / "bin" / "f0", 0o4755)
+    os.utime(root / "big", ns=(1, 1_700_000_000_123_456_789))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, bytes]:
+    """(tree, store path, image id) of a small synthetic tree."""
+    base = tmp_path_factory.mktemp("small")
+    tree = base / "tree"
+    tree.mkdir()
+    make_small_tree(tree)
+    with Store(base / "store", chunk_size=CHUNK) as store:
+        rec = import_directory(store, tree, ["small:1"])
+    return tree, base / "store", rec.id
+
+
+@pytest.fixture(scope="module")
+def debian(tmp_path_factory: pytest.TempPathFactory, debian_rootfs: Path
+           ) -> tuple[Path, Path, bytes]:
+    base = tmp_path_factory.mktemp("debian")
+    with Store(base / "store", chunk_size=DEBIAN_CHUNK) as store:
+        rec = import_directory(store, debian_rootfs, ["debian:test"])
+    return debian_rootfs, base / "store", rec.id
+
+
+def state_with(tmp_path: Path, store_path: Path) -> Path:
+    """A state directory whose store is a copy of ``store_path`` (tests may damage it)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    shutil.copytree(store_path, state / "store")
+    return state
+
+
+def nlinks(root: Path) -> dict[str, tuple[int, str]]:
+    """relative path -> (st_nlink, inode class), where the class is the first path (in
+    sorted order) with that inode: hard links agree, nothing else does."""
+    paths = sorted(os.path.relpath(os.path.join(d, n), root)
+                   for d, dirs, files in os.walk(root) for n in dirs + files)
+    first: dict[int, str] = {}
+    out = {}
+    for p in paths:
+        st = os.lstat(root / p)
+        out[p] = (st.st_nlink, first.setdefault(st.st_ino, p))
+    return out
+
+
+def read_together(path: Path, n: int) -> list[bytes]:
+    """Read ``path`` from ``n`` threads released at once by a barrier."""
+    barrier = threading.Barrier(n)
+    out: list[bytes] = [b""] * n
+
+    def one(i: int) -> None:
+        barrier.wait()
+        out[i] = path.read_bytes()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+# ---------------------------------------------------------------------- tests
+def test_debian_tree_is_identical_through_the_mount(tmp_path: Path,
+                                                    debian: tuple[Path, Path, bytes]) -> None:
+    src, store_path, image_id = debian
+
+    async def main() -> None:
+        async with MountManager(tmp_path / "state", store_path, idle_s=0,
+                                chunk_size=DEBIAN_CHUNK) as mm:
+            mnt = await mm.acquire(image_id)
+            try:
+                got = await asyncio.to_thread(snapshot, mnt)
+                assert await asyncio.to_thread(nlinks, mnt) == nlinks(src)
+                stats = await mm.stats(image_id)
+            finally:
+                await mm.release(image_id)
+            assert mm.mounted() == {}
+        want = snapshot(src)
+        assert got == want, "\n".join(diff(want, got))
+        assert stats["op_errors"] == 0
+        assert stats["ops"].get("flush", 0) <= 1
+
+    run(main())
+
+
+def test_small_tree_xattrs_links_devices(tmp_path: Path, small: tuple[Path, Path, bytes]) -> None:
+    src, store_path, image_id = small
+
+    async def main() -> None:
+        async with MountManager(tmp_path / "state", store_path, idle_s=0,
+                                chunk_size=CHUNK) as mm:
+            mnt = await mm.acquire(image_id)
+            try:
+                got = snapshot(mnt)
+                assert nlinks(mnt) == nlinks(src)
+                st = os.lstat(mnt / "bin" / "conf-link")
+                assert st.st_nlink == 3
+                assert st.st_ino == os.lstat(mnt / "etc" / "deep" / "conf-link2").st_ino
+                assert os.getxattr(mnt / "etc", "trusted.swarm-test") == b"\x00\x01binary"
+                with pytest.raises(OSError) as err:
+                    os.getxattr(mnt / "etc", "user.absent")
+                assert err.value.errno == errno.ENODATA
+                with pytest.raises(OSError) as err:
+                    os.open(mnt / "etc" / "conf", os.O_WRONLY)
+                assert err.value.errno == errno.EROFS
+                with pytest.raises(OSError):
+                    (mnt / "newfile").write_text("x")
+                for name in ("a", "b", "a"):  # negative entries: asked once each
+                    assert not (mnt / "etc" / name).exists()
+                stats = await mm.stats(image_id)
+            finally:
+                await mm.release(image_id)
+        assert got == snapshot(src), "\n".join(diff(snapshot(src), got))
+        assert stats["op_errors"] == 0
+
+    run(main())
+
+
+def test_negative_lookups_and_attrs_are_cached(tmp_path: Path,
+                                               small: tuple[Path, Path, bytes]) -> None:
+    _, store_path, image_id = small
+
+    async def main() -> None:
+        async with MountManager(tmp_path / "state", store_path, idle_s=0,
+                                chunk_size=CHUNK) as mm:
+            mnt = await mm.acquire(image_id)
+            try:
+                def workload() -> None:
+                    for _ in range(3):
+                        for name in ("nope", "bin/nope", "etc/conf", "big"):
+                            (mnt / name).exists()
+                        (mnt / "etc" / "conf").read_bytes()
+                        os.listdir(mnt / "bin")
+                        [os.lstat(mnt / "bin" / n) for n in os.listdir(mnt / "bin")]
+
+                await asyncio.to_thread(workload)
+                first = (await mm.stats(image_id))["ops"]
+                await mm.control(image_id, "reset")
+                await asyncio.to_thread(workload)
+                second = (await mm.stats(image_id))["ops"]
+            finally:
+                await mm.release(image_id)
+        # the first pass: each name looked up once (nope, bin, bin/nope, etc, etc/conf,
+        # big), the listed children came with the listing (readdirplus)
+        assert first["lookup"] == 6, first
+        assert first.get("getattr", 0) <= 2
+        assert first["read"] == 1
+        # the second: nothing but open/release and the directory listings
+        assert set(second) <= {"open", "release", "opendir", "readdir", "releasedir"}, second
+
+    run(main())
+
+
+def test_corrupt_blob_gives_eio_never_bytes(tmp_path: Path,
+                                            small: tuple[Path, Path, bytes]) -> None:
+    src, store_path, image_id = small
+    state = state_with(tmp_path, store_path)
+    with Store(state / "store", chunk_size=CHUNK) as store:
+        index = images.load_index(store, image_id)
+        f3 = index.get("/bin/f3")
+        assert f3 is not None and f3.digest is not None
+        man = store.manifest(f3.digest)
+        assert man is not None
+        victim = man.chunks[1]
+        good = store.get(victim)
+        evil = bytes(b ^ 0xFF for b in good)
+        with store.env.begin(write=True) as txn:
+            txn.put(victim, evil, db=store.db["blobs"])
+
+    async def main() -> None:
+        async with MountManager(state, idle_s=0, chunk_size=CHUNK) as mm:
+            mnt = await mm.acquire(image_id)
+            try:
+                for _ in range(2):  # and again: a failure is not cached as content
+                    with pytest.raises(OSError) as err:
+                        (mnt / "bin" / "f3").read_bytes()
+                    assert err.value.errno == errno.EIO
+                assert (mnt / "bin" / "f2").read_bytes() == (src / "bin" / "f2").read_bytes()
+                stats = await mm.stats(image_id)
+            finally:
+                await mm.release(image_id)
+        assert stats["op_errors"] >= 1
+
+    run(main())
+
+
+def test_missing_blobs_come_from_the_source_once(tmp_path: Path,
+                                                 small: tuple[Path, Path, bytes]) -> None:
+    src, store_path, image_id = small
+    state = tmp_path / "state"
+    with Store(state / "store", chunk_size=CHUNK) as local, \
+            Store(store_path, chunk_size=CHUNK) as remote:
+        local.put(remote.get(image_id))  # a cold node: only the index
+        big = images.load_index(remote, image_id).get("/big")
+        assert big is not None and big.digest is not None
+        big_chunks = len(remote.manifest(big.digest).chunks)  # type: ignore[union-attr]
+    readers = 8
+
+    async def main() -> None:
+        async with MountManager(state, source=store_path, idle_s=0, chunk_size=CHUNK,
+                                prefetch=False) as mm:
+            mnt = await mm.acquire(image_id)
+            try:
+                want_big = (src / "big").read_bytes()
+                for name, want in (("big", want_big),
+                                   ("etc/conf", (src / "etc" / "conf").read_bytes())):
+                    got = await asyncio.to_thread(read_together, mnt / name, readers)
+                    assert all(g == want for g in got)
+                stats = await mm.stats(image_id)
+            finally:
+                await mm.release(image_id)
+        # one fetch per leaf: the big file's chunks and the small file, each once
+        assert stats["source_fetches"] == big_chunks + 1, stats
+        assert stats["fetch"]["corrupt"] == 0
+
+    run(main())
+    with Store(state / "store", chunk_size=CHUNK) as local:
+        assert local.has(big.digest)
+
+
+def test_hot_set_recorded_then_prefetched_cold(tmp_path: Path,
+                                               small: tuple[Path, Path, bytes]) -> None:
+    src, store_path, image_id = small
+    warm_state = state_with(tmp_path, store_path)
+    order = ["bin/f3", "etc/conf", "bin/f1", "big"]
+    with Store(warm_state / "store", chunk_size=CHUNK) as warm:
+        previous = hotset.load(warm, image_id)  # other tests' mounts of this store
+
+    async def warm_run() -> None:
+        async with MountManager(warm_state, idle_s=0, chunk_size=CHUNK) as mm:
+            mnt = await mm.acquire(image_id)
+            try:
+                for name in order:
+                    (mnt / name).read_bytes()
+            finally:
+                await mm.release(image_id)  # unmount: the hot set is saved
+
+    run(warm_run())
+    with Store(warm_state / "store", chunk_size=CHUNK) as warm:
+        index = images.load_index(warm, image_id)
+        recorded = [index.get("/" + n).digest for n in order]  # type: ignore[union-attr]
+        want = hotset.merge(previous, recorded)
+        assert hotset.load(warm, image_id) == want
+        assert want[-len(recorded):] == recorded or set(recorded) <= set(previous)
+        hot_digest = images.hot_set(warm, image_id)
+        assert hot_digest is not None
+
+    cold_state = tmp_path / "cold"
+    with Store(cold_state / "store", chunk_size=CHUNK) as cold, \
+            Store(warm_state / "store", chunk_size=CHUNK) as warm:
+        cold.put(warm.get(image_id))
+        images.set_hot_set(cold, image_id, hot_digest)
+
+    async def cold_run() -> None:
+        async with MountManager(cold_state, source=warm_state / "store", idle_s=0,
+                                chunk_size=CHUNK) as mm:
+            mnt = await mm.acquire(image_id)
+            try:
+                done = await mm.control(image_id, "prefetch-wait")
+                assert done["prefetch"]["fetched"] == len(want), done
+                before = (await mm.stats(image_id))["source_fetches"]
+                for name in order:
+                    assert (mnt / name).read_bytes() == (src / name).read_bytes()
+                after = await mm.stats(image_id)
+            finally:
+                await mm.release(image_id)
+        assert after["source_fetches"] == before  # everything read was already local
+        assert after["reads_waiting_for_fetch"] == 0
+
+    run(cold_run())
+
+
+def test_refcount_and_idle_window(tmp_path: Path, small: tuple[Path, Path, bytes]) -> None:
+    _, store_path, image_id = small
+
+    async def main() -> None:
+        async with MountManager(tmp_path / "state", store_path, idle_s=3600,
+                                chunk_size=CHUNK) as mm:
+            a = await mm.acquire(image_id)
+            b = await asyncio.gather(mm.acquire(image_id), mm.acquire(image_id))
+            assert b == [a, a] and mm.mounted() == {image_id: 3}
+            assert len(swarm_mounts(a)) == 1
+            for _ in range(3):
+                await mm.release(image_id)
+            assert mm.mounted() == {image_id: 0}  # kept for the idle window
+            assert (a / "etc" / "conf").exists()
+            assert await mm.acquire(image_id) == a  # reused, not remounted
+            await mm.release(image_id)
+            assert await mm.unmount_idle() == [image_id]
+            assert mm.mounted() == {} and not swarm_mounts(a)
+            await mm.acquire(image_id)  # left mounted: closing the manager unmounts it
+        assert not swarm_mounts(tmp_path)
+
+    run(main())
+
+
+def test_dead_daemon_and_leftovers_are_cleaned(tmp_path: Path,
+                                               small: tuple[Path, Path, bytes]) -> None:
+    _, store_path, image_id = small
+    state = tmp_path / "state"
+
+    async def crash() -> None:
+        async with MountManager(state, store_path, idle_s=0, chunk_size=CHUNK) as mm:
+            mnt = await mm.acquire(image_id)
+            pid = (await mm.stats(image_id))["pid"]
+            os.kill(pid, signal.SIGKILL)
+            m = mm._mounts[image_id]
+            assert m.watcher is not None
+            await m.watcher  # the manager notices and detaches the dead mount
+            assert not swarm_mounts(mnt) and mm.mounted() == {}
+            assert await mm.acquire(image_id) == mnt  # and mounts again on demand
+            assert (mnt / "etc" / "conf").exists()
+            await mm.release(image_id)
+
+    run(crash())
+
+    # a daemon nobody manages (started with a pipe: it does not notice our exit)
+    mnt = state / "mnt" / to_hex(image_id)
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swarm.fs.daemon", "--state-dir", str(state), "--image",
+         to_hex(image_id), "--mountpoint", str(mnt), "--store", str(store_path),
+         "--control-fd", str(w), "--chunk-size", str(CHUNK)],
+        pass_fds=[w], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(w)
+    with os.fdopen(r, "rb") as ready:
+        assert b'"ready": true' in ready.readline()
+    assert swarm_mounts(mnt)
+    assert cleanup_leftovers(state) == [mnt]
+    assert proc.wait() in (0, -signal.SIGKILL)
+    assert not swarm_mounts(state)
+    assert not list((state / "run").glob("*.pid"))
