@@ -403,3 +403,46 @@ def test_dead_daemon_and_leftovers_are_cleaned(tmp_path: Path,
     assert proc.wait() in (0, -signal.SIGKILL)
     assert not swarm_mounts(state)
     assert not list((state / "run").glob("*.pid"))
+
+
+@pytest.fixture(scope="module")
+def python_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+    """(store path, image id) of a Debian minbase with python3 (cached by recipe)."""
+    from swarm.build.debootstrap import ensure_rootfs
+
+    tree = ensure_rootfs(include=["python3"])
+    base = tmp_path_factory.mktemp("python")
+    with Store(base / "store", chunk_size=DEBIAN_CHUNK) as store:
+        rec = import_directory(store, tree, ["python:test"])
+    return base / "store", rec.id
+
+
+@pytest.mark.slow
+def test_python_import_reaches_the_daemon_rarely(tmp_path: Path,
+                                                 python_image: tuple[Path, bytes]) -> None:
+    """`import encodings` in a chroot on the mount: a fresh mount asks each name and reads
+    each file once; a second run only opens files and lists directories (what pyfuse3
+    cannot let the kernel cache), and reads nothing."""
+    store_path, image_id = python_image
+    code = "import encodings, json"
+
+    async def main() -> tuple[dict[str, int], dict[str, int]]:
+        async with MountManager(tmp_path / "state", store_path, idle_s=0,
+                                chunk_size=DEBIAN_CHUNK) as mm:
+            mnt = await mm.acquire(image_id)
+            try:
+                runs = []
+                for _ in range(2):
+                    await mm.control(image_id, "reset")
+                    await asyncio.to_thread(subprocess.run, [
+                        "chroot", str(mnt), "/usr/bin/python3", "-c", code], check=True)
+                    runs.append((await mm.stats(image_id))["ops"])
+            finally:
+                await mm.release(image_id)
+        return runs[0], runs[1]
+
+    fresh, warm = run(main())
+    assert fresh.get("flush", 0) <= 1 and fresh.get("getxattr", 0) <= 1, fresh
+    assert fresh.get("getattr", 0) <= 2, fresh
+    assert fresh["read"] <= 2 * fresh["open"], fresh  # 1 MiB readahead: few reads per file
+    assert set(warm) <= {"open", "release", "opendir", "readdir", "releasedir", "readlink"}, warm

@@ -65,6 +65,10 @@ log = logging.getLogger("swarm.fs.daemon")
 DAEMON_MODULE = "swarm.fs.daemon"
 # Commands on the control socket are short lines; anything longer is not a command.
 CONTROL_LINE_MAX_BYTES = 4096
+# Kernel readahead for the mount (default 128 KiB). Programs map big binaries and shared
+# libraries; with 1 MiB a page fault brings 1 MiB per FUSE read: `import encodings` on a
+# fresh mount needs 33 reads instead of 100. Contents are fetched by the chunk anyway.
+READ_AHEAD_KB = 1024
 
 
 def run_dir(state_dir: str | os.PathLike[str]) -> Path:
@@ -337,6 +341,13 @@ class Daemon:
         pyfuse3.init(ops, str(self.mountpoint), set(MOUNT_OPTIONS))
         stack.callback(_close_fuse, pyfuse3)
         self._mark("mounted")
+        # The INIT reply sets the readahead, so ours goes in right after it is answered.
+        loop = asyncio.get_running_loop()
+
+        def after_init() -> None:
+            loop.call_soon(_set_read_ahead, self.mountpoint, READ_AHEAD_KB)
+
+        ops.on_init = after_init
         pid_path = pid_file(self.state_dir, self.image_id)
         pid_path.parent.mkdir(parents=True, exist_ok=True)
         pid_path.write_text(f"{os.getpid()}\n")
@@ -371,6 +382,20 @@ def _image_id(store: Store, ref: str) -> bytes:
     if is_hex_digest(ref):
         return from_hex(ref)
     return images.resolve(store, ref)
+
+
+def _set_read_ahead(mountpoint: Path, kib: int) -> None:
+    """Raise the readahead of the mount's backing device (best effort: a hint). The device
+    comes from mountinfo, not stat(): a stat would be a FUSE request nobody serves yet."""
+    from swarm.fs.mounts import swarm_mounts
+
+    for m in swarm_mounts(mountpoint):
+        if m.mountpoint == mountpoint and m.dev:
+            try:
+                Path(f"/sys/class/bdi/{m.dev}/read_ahead_kb").write_text(f"{kib}\n")
+                log.debug("readahead of %s (bdi %s): %d KiB", mountpoint, m.dev, kib)
+            except OSError as err:
+                log.debug("readahead of %s unchanged: %s", mountpoint, err)
 
 
 def _close_fuse(pyfuse3: Any) -> None:

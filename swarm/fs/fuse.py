@@ -104,6 +104,13 @@ class SwarmOperations(pyfuse3.Operations):
         self._negative.st_ino = 0
         self._negative.entry_timeout = CACHE_TIMEOUT_S
         self._content_blocks = -(-tree.index.content_bytes() // BLOCK_SIZE_BYTES)
+        # Called when the kernel's INIT arrives, before it is answered (so it must not
+        # block); the daemon uses it to tune the mount once the kernel has set it up.
+        self.on_init: Callable[[], None] | None = None
+
+    def init(self) -> None:
+        if self.on_init is not None:
+            self.on_init()
 
     def _entry(self, a: Attrs) -> pyfuse3.EntryAttributes:
         ea = self._attr_cache.get(a.ino)

@@ -62,6 +62,7 @@ class MountInfo:
     mountpoint: Path
     fstype: str
     source: str
+    dev: str = ""  # "major:minor", as /sys/class/bdi names the mount's backing device
 
 
 def _unescape(field_: bytes) -> bytes:
@@ -90,7 +91,8 @@ def parse_mountinfo(raw: bytes) -> list[MountInfo]:
         if len(parts) < sep + 3:
             continue
         out.append(MountInfo(Path(os.fsdecode(_unescape(parts[4]))),
-                             os.fsdecode(parts[sep + 1]), os.fsdecode(_unescape(parts[sep + 2]))))
+                             os.fsdecode(parts[sep + 1]), os.fsdecode(_unescape(parts[sep + 2])),
+                             os.fsdecode(parts[2])))
     return out
 
 
@@ -100,7 +102,10 @@ def swarm_mounts(under: str | os.PathLike[str] | None = None) -> list[MountInfo]
         mounts = [m for m in parse_mountinfo(f.read()) if m.fstype == FSTYPE]
     if under is None:
         return mounts
-    base = Path(os.path.realpath(under))
+    # Resolve symlinks in the parent only: resolving ``under`` itself would stat it, and
+    # stat on a mountpoint whose daemon is not serving (yet, or any more) hangs or fails.
+    under = os.path.abspath(under)
+    base = Path(os.path.realpath(os.path.dirname(under))) / os.path.basename(under)
     return [m for m in mounts if m.mountpoint == base or base in m.mountpoint.parents]
 
 
