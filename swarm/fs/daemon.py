@@ -8,6 +8,7 @@ Command line::
     python -m swarm.fs.daemon --state-dir D --image ID --mountpoint M
         [--store PATH]          the local store (default D/store)
         [--source-store PATH]   where missing blobs come from (a store standing in for peers)
+        [--source-socket PATH]  or: a running node's local API socket (it asks its peers)
         [--chunk-size BYTES]    chunk size of blobs this process writes (match the store's)
         [--no-verify]           do not hash local blobs on first read
         [--no-prefetch]         do not prefetch the image's hot set
@@ -51,9 +52,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from swarm.digest import from_hex, is_hex_digest, to_hex
-from swarm.errors import NotFound, SwarmError
+from swarm.errors import NotFound, SwarmError, UsageError
 from swarm.fs import hotset, images
-from swarm.fs.source import DEFAULT_PREFETCH_CONCURRENCY, Fetcher, PrefetchReport, StoreSource
+from swarm.fs.source import (
+    DEFAULT_PREFETCH_CONCURRENCY,
+    BlobSource,
+    Fetcher,
+    PrefetchReport,
+    StoreSource,
+)
 from swarm.fs.tree import ContentReader, Tree
 from swarm.store import Store
 
@@ -125,7 +132,7 @@ class Daemon:
         self.stop = asyncio.Event()
         self.image_id = b""
         self.store: Store | None = None
-        self.source: StoreSource | None = None
+        self.source: BlobSource | None = None
         self.fetcher: Fetcher | None = None
         self.reader: ContentReader | None = None
         self.recorder = hotset.HotSetRecorder()
@@ -235,7 +242,7 @@ class Daemon:
             "op_errors": self.ops.errors if self.ops else 0,
             "reads_waiting_for_fetch": self.reader.misses if self.reader else 0,
             "fetch": fetch,
-            "source_fetches": self.source.fetches if self.source else 0,
+            "source_fetches": getattr(self.source, "fetches", 0),
             "hot_set": {"recorded": len(self.recorder),
                         "saved": to_hex(self.hot_set_saved) if self.hot_set_saved else None},
             "prefetch": None if pre is None else {
@@ -316,9 +323,8 @@ class Daemon:
         self.store = store = Store(store_path, chunk_size=args.chunk_size,
                                    verify_on_read=args.verify)
         stack.callback(store.close)
-        if args.source_store:
-            self.source = StoreSource(Store(args.source_store, chunk_size=args.chunk_size),
-                                      owns_store=True)
+        self.source = _open_source(args)
+        if self.source is not None:
             stack.push_async_callback(self.source.aclose)
             self.fetcher = Fetcher(store, self.source)
         self.image_id = _image_id(store, args.image)
@@ -374,6 +380,21 @@ class Daemon:
         stopping.cancel()
         await _stop_main(pyfuse3, main)
         log.info("unmounting %s; ops %s", self.mountpoint, ops.op_counts())
+
+
+def _open_source(args: argparse.Namespace) -> BlobSource | None:
+    if args.source_store and args.source_socket:
+        raise UsageError("give --source-store or --source-socket, not both")
+    if args.source_store:
+        return StoreSource(Store(args.source_store, chunk_size=args.chunk_size),
+                           owns_store=True)
+    if args.source_socket:
+        # The daemon is an entry point of its own, so it may reach up to the node's
+        # local API (imported only here: swarm.fs itself never depends on swarm.nodeapi).
+        from swarm.nodeapi import SocketSource
+
+        return SocketSource(args.source_socket)
+    return None
 
 
 def _image_id(store: Store, ref: str) -> bytes:
@@ -441,6 +462,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mountpoint", required=True)
     p.add_argument("--store", help="local store (default STATE_DIR/store)")
     p.add_argument("--source-store", help="store to fetch missing blobs from")
+    p.add_argument("--source-socket", help="local API socket of a node to fetch through")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--no-verify", dest="verify", action="store_false")
     p.add_argument("--no-prefetch", dest="prefetch", action="store_false")
