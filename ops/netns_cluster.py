@@ -15,9 +15,10 @@ cluster); the others ``swarm join`` it with the token node 1 printed. ``up`` ret
 every node has printed ``ready``. ``down`` works from whatever the cluster file records
 and from the names alone, so it also cleans up after a failed ``up``.
 
-Each ``ip netns exec`` gives its process a private mount namespace, so a node's FUSE and
-overlay mounts vanish with its processes; ``down`` kills whatever is left in each
-namespace before deleting it.
+Nodes enter only their network namespace (``nsenter --net``), so their mounts live in the
+host's mount namespace, under their state directories; ``down`` stops the nodes (SIGTERM:
+they unmount), kills whatever is left in each namespace, and detaches any mount still
+below a state directory (a SIGKILLed node's).
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ class Cluster:
     def ip(self, i: int) -> str:
         return f"{self.subnet}.{10 + i}"
 
+    def enter(self, i: int) -> list[str]:
+        """The command prefix that runs a program in node ``i``'s network namespace only.
+        Not ``ip netns exec``: it also makes a mount namespace with a fresh /sys, which
+        hides the cgroup mounts runc needs."""
+        return ["nsenter", f"--net=/run/netns/{self.netns(i)}", "--"]
+
     def node_dir(self, i: int) -> Path:
         return self.dir / str(i)
 
@@ -120,7 +127,7 @@ class Cluster:
         env = self.env(i) | extra_env
         with open(d / "node.log", "ab") as log:
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.netns(i), sys.executable, "-m", "swarm.cli",
+                [*self.enter(i), sys.executable, "-m", "swarm.cli",
                  "-v", *args, "--listen", f"{self.ip(i)}:{NODE_PORT}"],
                 env=env, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=REPO)
@@ -170,8 +177,7 @@ class Cluster:
 
     def exec(self, i: int, cmd: list[str]) -> int:
         self.node(i)
-        return subprocess.call(["ip", "netns", "exec", self.netns(i), *cmd], env=self.env(i),
-                               cwd=REPO)
+        return subprocess.call([*self.enter(i), *cmd], env=self.env(i), cwd=REPO)
 
     def kill(self, i: int) -> None:
         pid = int(self.node(i)["pid"])

@@ -19,6 +19,7 @@ answers with every member it knows; the joiner then introduces itself to each of
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import json
@@ -26,11 +27,12 @@ import logging
 import os
 import signal
 import sys
+import threading
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from swarm.digest import DIGEST_SIZE, is_hex_digest, to_hex
 from swarm.errors import (
@@ -52,14 +54,19 @@ from swarm.nodeapi import MAX_SOCKET_PATH_BYTES, socket_path
 from swarm.runtime.spec import BindMount
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_PORT = 7077
 CONFIG_FILE = "node.toml"
 CLUSTER_FILE = "cluster.json"
 KEY_FILE = "node.key"
 LOCK_FILE = "node.lock"
+BLOBS_SOCKET = "blobs.sock"
 # Test-only: a node started with this set to 1 serves every blob with one byte flipped.
 CORRUPT_ENV = "SWARM_TEST_SERVE_CORRUPT"
+# Test-only: a node started with this set to 1 SIGKILLs itself when a member asks it for a
+# blob, so tests can show that a peer dying mid-transfer does not fail the read.
+DIE_ENV = "SWARM_TEST_DIE_ON_SERVE"
 JOIN_TIMEOUT_S = 10.0
 # Bytes of container output read from the pipe at once before they go out as one DATA.
 OUTPUT_CHUNK_BYTES = 64 << 10
@@ -111,6 +118,153 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+class BlobProxy:
+    """A second event loop, on its own thread, that owns this node's outgoing blob traffic:
+    the :class:`PeerSource` (its connections to members, its suspects), the fetcher that
+    makes images local, and ``<state>/blobs.sock``, through which mount daemons fetch.
+
+    Why a thread: the main loop makes blocking reads of image files (creating a container
+    bundle reads ``/etc/passwd`` through the FUSE mount). A FUSE miss answered by that same
+    loop would wait on itself; answered here, it never does.
+    """
+
+    def __init__(self, node: Node, socket: Path) -> None:
+        self.node = node
+        self.socket = socket
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.source: PeerSource
+        self.fetcher: Fetcher
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+        self._resolving: dict[str, asyncio.Future[bytes]] = {}
+
+    async def start(self) -> None:
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._main, args=(ready,), name="blob-proxy",
+                                        daemon=True)
+        self._thread.start()
+        await asyncio.wrap_future(ready)
+
+    async def aclose(self) -> None:
+        if self.loop is not None and self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    def _main(self, ready: concurrent.futures.Future[None]) -> None:
+        try:
+            asyncio.run(self._serve(ready))
+        except BaseException as err:
+            if not ready.done():
+                ready.set_exception(err)
+            else:
+                log.exception("blob proxy failed")
+
+    async def _serve(self, ready: concurrent.futures.Future[None]) -> None:
+        node = self.node
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with contextlib.AsyncExitStack() as stack:
+            # dial-only: members' requests on these connections are blob reads, served
+            # from the store as on the main listener
+            transport = Transport(node.cluster, node.key, node.service.handlers())
+            stack.push_async_callback(transport.aclose)
+            self.source = PeerSource(transport, lambda: node.member_list)
+            self.fetcher = Fetcher(node.engine.store, self.source)
+            await _serve_unix(stack, self.socket, {"blob.get": self.blob_get,
+                                                   "blob.manifest": self.blob_manifest})
+            ready.set_result(None)
+            await self._stop.wait()
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """Run ``coro`` on the proxy's loop; awaitable from the main loop."""
+        assert self.loop is not None
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    async def ensure_image(self, ref: str) -> bytes:
+        """Make image ``ref`` local through peers: its index (verified by its digest, which
+        is the id) and its hot set, registered under the name asked for. Concurrent
+        requests for one ref share one fetch."""
+        fut = self._resolving.get(ref)
+        if fut is None:
+            fut = asyncio.ensure_future(self._fetch_image(ref))
+            self._resolving[ref] = fut
+            fut.add_done_callback(lambda _f: self._resolving.pop(ref, None))
+        return await asyncio.shield(fut)
+
+    async def _fetch_image(self, ref: str) -> bytes:
+        store = self.node.engine.store
+        with contextlib.suppress(NotFound):
+            return images.resolve(store, ref)  # made local meanwhile
+        image_id, hot = await self.source.resolve(ref)
+        await self.fetcher.ensure(image_id)
+        index = images.load_index(store, image_id)
+        names = [] if is_hex_digest(ref) or _is_prefix(ref) else [ref]
+        images.register(store, index, names, source="peer")
+        if hot is not None and images.hot_set(store, image_id) is None:
+            try:
+                await self.fetcher.ensure(hot)
+                images.set_hot_set(store, image_id, hot)
+            except SwarmError as err:
+                log.warning("hot set of %s not fetched: %s", to_hex(image_id)[:12], err)
+        log.info("image %s (%s) fetched through peers", ref, to_hex(image_id)[:12])
+        return image_id
+
+    async def blob_get(self, call: Call) -> bytes:
+        """A leaf for a mount daemon: local if held, else from peers, verified."""
+        digest = call.args.get("digest")
+        if not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE:
+            raise UsageError("digest must be 32 bytes")
+        if self.node.engine.store.manifest(digest) is None:
+            with contextlib.suppress(BlobMissing):
+                return await self.node.service.blob_get(call)
+        return await self.source.fetch(digest)
+
+    async def blob_manifest(self, call: Call) -> bytes | None:
+        digest = call.args.get("digest")
+        if not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE:
+            raise UsageError("digest must be 32 bytes")
+        with contextlib.suppress(BlobMissing):
+            return await self.node.service.blob_manifest(call)
+        man = await self.source.fetch_manifest(digest)
+        return None if man is None else man.encode()
+
+
+async def _serve_unix(stack: contextlib.AsyncExitStack, path: Path,
+                      handlers: dict[str, Handler]) -> None:
+    """Serve ``handlers`` on a unix socket at ``path`` (mode 0600) until the stack unwinds.
+    A leftover socket file is a dead predecessor's (the caller holds the state-dir lock)."""
+    if len(os.fsencode(str(path))) > MAX_SOCKET_PATH_BYTES:
+        raise UsageError(f"socket path {path} is too long for a unix socket; use a "
+                         "shorter state directory or SWARM_NODE_SOCKET")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    conns: set[Connection] = set()
+
+    async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(reader, writer, handlers=handlers,
+                          name=f"local client of {path.name}").start()
+        conns.add(conn)
+        with contextlib.suppress(asyncio.CancelledError):
+            await conn.closed.wait()
+        conns.discard(conn)
+
+    old_umask = os.umask(0o177)
+    try:
+        server = await asyncio.start_unix_server(client, str(path))
+    finally:
+        os.umask(old_umask)
+
+    async def close() -> None:
+        server.close()
+        for c in list(conns):
+            await c.aclose()
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    stack.push_async_callback(close)
+
+
 class Node:
     """The running node. :meth:`run` returns when a signal (or :meth:`stop`) ends it."""
 
@@ -120,16 +274,15 @@ class Node:
         self.on_ready = on_ready
         self.stopping = asyncio.Event()
         self.members: dict[str, None] = {}  # addresses of the other members, in join order
+        self.member_list: tuple[str, ...] = ()  # a snapshot the proxy thread reads
         self.addr = ""
         self.cluster: ClusterKey
         self.key: NodeKey
         self.engine: Engine
         self.transport: Transport
-        self.source: PeerSource
-        self.fetcher: Fetcher
         self.service: BlobService
+        self.proxy: BlobProxy
         self.socket = socket_path(self.state_dir)
-        self._resolving: dict[str, asyncio.Future[bytes]] = {}
 
     def stop(self) -> None:
         self.stopping.set()
@@ -152,6 +305,7 @@ class Node:
                 doc["members"] = []  # another cluster now: forget the old members
         for m in doc.get("members", []):
             self.members[m] = None
+        self.member_list = tuple(self.members)
         self._save_cluster()
 
     def _save_cluster(self) -> None:
@@ -163,6 +317,7 @@ class Node:
             return False
         parse_addr(addr)
         self.members[addr] = None
+        self.member_list = tuple(self.members)
         self._save_cluster()
         log.info("member %s added (%d members)", addr, len(self.members) + 1)
         return True
@@ -190,9 +345,11 @@ class Node:
         self._load_cluster()
         self.engine = await stack.enter_async_context(
             Engine(self.state_dir, mount_idle_s=self.cfg.mount_idle_s))
-        # mount daemons fetch missing blobs through our socket (see nodeapi.SocketSource)
-        self.engine.mounts.extra_args = ("--source-socket", str(self.socket))
-        self.service = BlobService(self.engine.store, corrupt=self.cfg.serve_corrupt)
+        # mount daemons fetch missing blobs through the proxy (see nodeapi.SocketSource)
+        blobs_socket = self.state_dir / BLOBS_SOCKET
+        self.engine.mounts.extra_args = ("--source-socket", str(blobs_socket))
+        self.service = BlobService(self.engine.store, corrupt=self.cfg.serve_corrupt,
+                                   die_on_serve=os.environ.get(DIE_ENV) == "1")
         if self.cfg.serve_corrupt:
             log.warning("%s=1: serving corrupt blobs (test switch)", CORRUPT_ENV)
         peer_handlers: dict[str, Handler] = {
@@ -207,8 +364,10 @@ class Node:
             raise UsageError("listening on all addresses: give --advertise HOST:PORT, the "
                              "address members reach this node at")
         self.members.pop(self.addr, None)
-        self.source = PeerSource(self.transport, lambda: list(self.members))
-        self.fetcher = Fetcher(self.engine.store, self.source)
+        self.member_list = tuple(self.members)
+        self.proxy = BlobProxy(self, blobs_socket)
+        stack.push_async_callback(self.proxy.aclose)
+        await self.proxy.start()
         await self._serve_local(stack)
         await self._join_cluster()
         log.info("node %s listening on %s, %d other members", self.key.short, self.addr,
@@ -231,38 +390,9 @@ class Node:
             os.close(fd)
 
     async def _serve_local(self, stack: contextlib.AsyncExitStack) -> None:
-        path = self.socket
-        if len(os.fsencode(str(path))) > MAX_SOCKET_PATH_BYTES:
-            raise UsageError(f"socket path {path} is too long for a unix socket; use a "
-                             "shorter state directory or SWARM_NODE_SOCKET")
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # a predecessor's (we hold the lock: it is not running)
-        handlers: dict[str, Handler] = {
+        await _serve_unix(stack, self.socket, {
             "status": self._status, "ps": self._ps, "image.resolve": self._image_resolve,
-            "run": self._run, "blob.get": self._blob_get, "blob.manifest": self._blob_manifest}
-        conns: set[Connection] = set()
-
-        async def client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            conn = Connection(reader, writer, handlers=handlers, name="local client").start()
-            conns.add(conn)
-            with contextlib.suppress(asyncio.CancelledError):
-                await conn.closed.wait()
-            conns.discard(conn)
-
-        old_umask = os.umask(0o177)
-        try:
-            server = await asyncio.start_unix_server(client, str(path))
-        finally:
-            os.umask(old_umask)
-
-        async def close() -> None:
-            server.close()
-            for c in list(conns):
-                await c.aclose()
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-
-        stack.push_async_callback(close)
+            "run": self._run, "blob.get": self._proxied, "blob.manifest": self._proxied})
 
     async def _join_cluster(self) -> None:
         """Introduce ourselves to the seeds and to every member they know. A seed given on
@@ -308,45 +438,20 @@ class Node:
         return {"node": self.key.public.hex(), "addr": self.addr,
                 "members": list(self.members), "token": self.cluster.token,
                 "pid": os.getpid(), "suspects": sorted(
-                    a for a in self.members if self.source.is_suspect(a)),
-                "served": self.service.served, "fetched": self.source.fetches,
-                "rejected_blobs": self.source.rejected,
+                    a for a in self.member_list if self.proxy.source.is_suspect(a)),
+                "served": self.service.served, "fetched": self.proxy.source.fetches,
+                "rejected_blobs": self.proxy.source.rejected,
                 "refused_peers": self.transport.rejected}
 
     async def _ps(self, call: Call) -> list[dict[str, Any]]:
         return [c.as_json() for c in list_containers(self.state_dir)]
 
     async def ensure_image(self, ref: str) -> bytes:
-        """The id of image ``ref``, making it local through peers first if needed: the
-        index (verified by its digest, which is the id) and its hot set, registered under
-        the name asked for. Concurrent requests for one ref share one fetch."""
-        store = self.engine.store
+        """The id of image ``ref``, made local through peers when this node lacks it."""
         try:
-            return images.resolve(store, ref)
+            return images.resolve(self.engine.store, ref)
         except NotFound:
-            pass
-        fut = self._resolving.get(ref)
-        if fut is None:
-            fut = asyncio.ensure_future(self._fetch_image(ref))
-            self._resolving[ref] = fut
-            fut.add_done_callback(lambda _f: self._resolving.pop(ref, None))
-        return await asyncio.shield(fut)
-
-    async def _fetch_image(self, ref: str) -> bytes:
-        store = self.engine.store
-        image_id, hot = await self.source.resolve(ref)
-        await self.fetcher.ensure(image_id)
-        index = images.load_index(store, image_id)
-        names = [] if is_hex_digest(ref) or _is_prefix(ref) else [ref]
-        images.register(store, index, names, source="peer")
-        if hot is not None and images.hot_set(store, image_id) is None:
-            try:
-                await self.fetcher.ensure(hot)
-                images.set_hot_set(store, image_id, hot)
-            except SwarmError as err:
-                log.warning("hot set of %s not fetched: %s", to_hex(image_id)[:12], err)
-        log.info("image %s (%s) fetched through peers", ref, to_hex(image_id)[:12])
-        return image_id
+            return await self.proxy.call(self.proxy.ensure_image(ref))
 
     async def _image_resolve(self, call: Call) -> dict[str, Any]:
         ref = call.args.get("ref")
@@ -356,23 +461,11 @@ class Node:
         return {"id": to_hex(image_id), "names": images.record(self.engine.store,
                                                                image_id).names}
 
-    async def _blob_get(self, call: Call) -> bytes:
-        digest = call.args.get("digest")
-        if not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE:
-            raise UsageError("digest must be 32 bytes")
-        if self.engine.store.manifest(digest) is None:
-            with contextlib.suppress(BlobMissing):
-                return await self.service.blob_get(call)
-        return await self.source.fetch(digest)
-
-    async def _blob_manifest(self, call: Call) -> bytes | None:
-        digest = call.args.get("digest")
-        if not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE:
-            raise UsageError("digest must be 32 bytes")
-        with contextlib.suppress(BlobMissing):
-            return await self.service.blob_manifest(call)
-        man = await self.source.fetch_manifest(digest)
-        return None if man is None else man.encode()
+    async def _proxied(self, call: Call) -> Any:
+        """Blob requests on the main socket are answered by the proxy loop too."""
+        if call.method == "blob.get":
+            return await self.proxy.call(self.proxy.blob_get(call))
+        return await self.proxy.call(self.proxy.blob_manifest(call))
 
     async def _run(self, call: Call) -> dict[str, Any]:
         ref = call.args.get("image")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -51,12 +53,16 @@ class BlobService:
     """The handlers through which a node serves its store to members.
 
     ``corrupt`` is a test-only switch: every leaf served has one byte flipped, so tests
-    can show that receivers catch a lying peer by digest.
+    can show that receivers catch a lying peer by digest. ``die_on_serve`` (test-only
+    too) SIGKILLs this process when a request for a leaf arrives: a node dying with a
+    transfer in flight.
     """
 
-    def __init__(self, store: Store, *, corrupt: bool = False) -> None:
+    def __init__(self, store: Store, *, corrupt: bool = False,
+                 die_on_serve: bool = False) -> None:
         self.store = store
         self.corrupt = corrupt
+        self.die_on_serve = die_on_serve
         self.served = 0
         self.served_bytes = 0
 
@@ -66,6 +72,9 @@ class BlobService:
 
     async def blob_get(self, call: Call) -> bytes:
         digest = _digest_arg(call)
+        if self.die_on_serve and call.conn.channel is not None:
+            log.error("test switch: dying while serving %s", to_hex(digest)[:12])
+            os.kill(os.getpid(), signal.SIGKILL)
         try:
             if self.store.size(digest) >= THREAD_OFFLOAD_BYTES:
                 data = await asyncio.to_thread(_leaf, self.store, digest)
