@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import random
 import shutil
@@ -343,12 +344,14 @@ def test_hot_set_recorded_then_prefetched_cold(tmp_path: Path,
     run(cold_run())
 
 
-def test_refcount_and_idle_window(tmp_path: Path, small: tuple[Path, Path, bytes]) -> None:
+@pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "exec"])
+def test_refcount_and_idle_window(tmp_path: Path, small: tuple[Path, Path, bytes],
+                                  zygote: bool) -> None:
     _, store_path, image_id = small
 
     async def main() -> None:
         async with MountManager(tmp_path / "state", store_path, idle_s=3600,
-                                chunk_size=CHUNK) as mm:
+                                chunk_size=CHUNK, zygote=zygote) as mm:
             a = await mm.acquire(image_id)
             b = await asyncio.gather(mm.acquire(image_id), mm.acquire(image_id))
             assert b == [a, a] and mm.mounted() == {image_id: 3}
@@ -446,3 +449,52 @@ def test_python_import_reaches_the_daemon_rarely(tmp_path: Path,
     assert fresh.get("getattr", 0) <= 2, fresh
     assert fresh["read"] <= 2 * fresh["open"], fresh  # 1 MiB readahead: few reads per file
     assert set(warm) <= {"open", "release", "opendir", "readdir", "releasedir", "readlink"}, warm
+
+
+MANAGER_PROGRAM = """
+import asyncio, json, sys
+from swarm.fs.mounts import MountManager
+
+async def main():
+    async with MountManager(sys.argv[1], sys.argv[2], chunk_size=int(sys.argv[4])) as mm:
+        image_id = bytes.fromhex(sys.argv[3])
+        mnt = await mm.acquire(image_id)
+        pid = (await mm.stats(image_id))["pid"]
+        print(json.dumps({"mnt": str(mnt), "pid": pid}), flush=True)
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def wait_gone(pid: int) -> None:
+    """Wait (on a pidfd, not a clock) for a process to exit."""
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        assert select.select([fd], [], [], 30)[0], f"process {pid} did not exit"
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_manager_exit_leaves_nothing(tmp_path: Path, small: tuple[Path, Path, bytes],
+                                     how: signal.Signals) -> None:
+    """Ctrl-C unwinds the manager, which unmounts; SIGKILL of the manager closes the
+    daemons' control sockets, and they unmount themselves."""
+    _, store_path, image_id = small
+    state = tmp_path / "state"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MANAGER_PROGRAM, str(state), str(store_path),
+         to_hex(image_id), str(CHUNK)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    info = json.loads(proc.stdout.readline())
+    assert swarm_mounts(info["mnt"])
+    proc.send_signal(how)
+    proc.wait()
+    wait_gone(info["pid"])
+    assert not swarm_mounts(state)

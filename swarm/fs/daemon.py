@@ -474,10 +474,98 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--zygote"]:
+        return zygote_main(argv[1:])
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, force=True,
                         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     return asyncio.run(Daemon(args).run())
+
+
+# ---------------------------------------------------------------------- zygote
+# A daemon spends ~100 ms of its ~170 ms start-up importing (asyncio, lmdb, pyfuse3, swarm).
+# ``python -m swarm.fs.daemon --zygote --state-dir D --control-fd FD`` imports all of that
+# once and forks a ready daemon per request, so a mount starts in the time the daemon
+# itself needs (index, tree, mount). The zygote never starts threads or an event loop, so
+# forking it is safe.
+#
+# Protocol on FD (a SOCK_SEQPACKET unix socket, one message per request): the zygote sends
+# ``{"ready": true}`` once imported; each request is a JSON list of daemon arguments with
+# two file descriptors attached (SCM_RIGHTS): the daemon's control socket and its log
+# file. The reply is ``{"pid": N}`` or ``{"error": "..."}``. The forked daemon runs in a
+# session of its own; the zygote reaps it. At end of file the zygote exits (its daemons
+# live on: each has its own control socket).
+ZYGOTE_MESSAGE_MAX_BYTES = 64 << 10
+
+
+def zygote_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"python -m {DAEMON_MODULE} --zygote")
+    p.add_argument("--state-dir", required=True)  # names whose daemons these are
+    p.add_argument("--control-fd", type=int, required=True)
+    args = p.parse_args(argv)
+    _import_pyfuse3()
+    import swarm.fs.fuse  # noqa: F401 - imported here, once, for every daemon forked
+
+    sock = socket.socket(fileno=args.control_fd)
+    signal.signal(signal.SIGCHLD, _reap_children)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the manager decides when we go
+    sock.send(b'{"ready": true}')
+    while True:
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, ZYGOTE_MESSAGE_MAX_BYTES, 2)
+        except ConnectionError:
+            return 0
+        if not msg:
+            return 0
+        try:
+            if len(fds) != 2:
+                raise ValueError(f"want 2 file descriptors, got {len(fds)}")
+            daemon_argv = json.loads(msg)
+            if not isinstance(daemon_argv, list) or not all(
+                    isinstance(a, str) for a in daemon_argv):
+                raise ValueError("request is not a list of strings")
+            pid = _fork_daemon(sock, daemon_argv, fds[0], fds[1])
+            reply: dict[str, Any] = {"pid": pid}
+        except (ValueError, OSError) as err:
+            reply = {"error": str(err)}
+        finally:
+            for fd in fds:
+                os.close(fd)
+        sock.send(json.dumps(reply).encode())
+
+
+def _fork_daemon(zygote_sock: socket.socket, argv: list[str], control_fd: int,
+                 log_fd: int) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:  # the child: never returns into the zygote's loop
+        zygote_sock.close()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.setsid()
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        code = main([*argv, "--control-fd", str(control_fd)])
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _reap_children(signum: int, frame: object) -> None:
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
 
 
 if __name__ == "__main__":
