@@ -314,7 +314,7 @@ class Fetcher:
     def _write_batch(self, items: list[tuple[bytes, bytes]]) -> None:
         with self.store.batch() as batch:
             for digest, data in items:
-                batch.put_digest(digest, data)
+                batch.put_leaf(digest, data)
 
 
 def _forget(table: dict[bytes, asyncio.Task[None]], key: bytes, task: asyncio.Task[None]) -> None:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import struct
 import threading
@@ -18,6 +19,8 @@ import lmdb
 
 from swarm.digest import DIGEST_SIZE, hash_bytes, hasher, to_hex
 from swarm.errors import BlobMissing, CorruptBlob, StoreError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 MIN_CHUNK_SIZE = 64
@@ -201,15 +204,17 @@ class Store:
         self._counts: dict[bytes, int] = {}
         self._last_flush = time.monotonic()
         self._verified: set[bytes] = set()
-        self._local = threading.local()
+        self._flusher_busy = False
+        self._flush_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        if self._closed:
-            return
-        with contextlib.suppress(lmdb.Error):
-            self.flush()
-        self._closed = True
+        with self._flush_lock:  # a background flush finishes before the env goes
+            if self._closed:
+                return
+            with contextlib.suppress(lmdb.Error):
+                self._flush_locked()
+            self._closed = True
         _REGISTRY.release(self._key)
 
     def __enter__(self) -> Store:
@@ -241,15 +246,12 @@ class Store:
         was committed stays (blobs are valid on their own) and the rest is dropped.
         """
         batch = Batch(self)
-        self._local.batch_depth = getattr(self._local, "batch_depth", 0) + 1
         try:
             yield batch
             batch.commit()
         except BaseException:
             batch.abort()
             raise
-        finally:
-            self._local.batch_depth -= 1
         self._evict_if_over_budget()
 
     # ------------------------------------------------------------------ reading
@@ -411,13 +413,26 @@ class Store:
                 self._counts[b"hits"] = self._counts.get(b"hits", 0) + 1
 
     def _maybe_flush(self) -> None:
-        if getattr(self._local, "batch_depth", 0):
-            return  # this thread holds the write lock in a batch; a flush would deadlock
+        """Write buffered uses when due, on a background thread: a read (a FUSE request)
+        must never wait for LMDB's writer lock, which a batch may hold for a while."""
         with self._buf_lock:
             due = (len(self._touched) >= TOUCH_FLUSH_COUNT
                    or time.monotonic() - self._last_flush >= TOUCH_FLUSH_S)
-        if due:
+            if not due or self._flusher_busy:
+                return
+            self._flusher_busy = True
+            self._last_flush = time.monotonic()
+        threading.Thread(target=self._background_flush, name="swarm-store-flush",
+                         daemon=True).start()
+
+    def _background_flush(self) -> None:
+        try:
             self.flush()
+        except lmdb.Error as err:
+            log.warning("store %s: cannot record blob uses: %s", self.path, err)
+        finally:
+            with self._buf_lock:
+                self._flusher_busy = False
 
     def _count(self, name: bytes, n: int = 1) -> None:
         with self._buf_lock:
@@ -425,6 +440,11 @@ class Store:
 
     def flush(self) -> None:
         """Write buffered last-use times and counters."""
+        with self._flush_lock:
+            if not self._closed:
+                self._flush_locked()
+
+    def _flush_locked(self) -> None:
         with self._buf_lock:
             touched, self._touched = self._touched, {}
             counts, self._counts = self._counts, {}
@@ -728,6 +748,14 @@ class Batch:
         digest = hash_bytes(data)
         self.put_digest(digest, data)
         return digest
+
+    def put_leaf(self, digest: bytes, data: bytes | bytearray | memoryview) -> None:
+        """Put one leaf as it is, whatever its size: a chunk fetched from a peer whose chunk
+        size differs from ours is still that file's chunk, and re-chunking it would break
+        the chunk-range reads of the file's manifest. The digest must be verified."""
+        self._puts += 1
+        self._put_leaf(digest, data)
+        self._maybe_commit()
 
     def put_digest(self, digest: bytes, data: bytes | bytearray | memoryview) -> None:
         """Put ``data`` whose digest the caller has already computed (a worker thread hashed
