@@ -519,5 +519,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_INTERNAL)
 
 
+from swarm.build.cli import build as _build_command  # noqa: E402 - one click module per area
+
+cli.add_command(_build_command)
+
 if __name__ == "__main__":
     main()

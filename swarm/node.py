@@ -147,8 +147,14 @@ class Engine:
                         stdout: IO[bytes] | int | None = None,
                         stderr: IO[bytes] | int | None = None,
                         container_id: str | None = None,
-                        forward_signals: bool = False) -> int:
-        """Run one container of ``image_ref`` to completion; returns its exit code."""
+                        forward_signals: bool = False,
+                        keep_upper: Path | None = None) -> int:
+        """Run one container of ``image_ref`` to completion; returns its exit code.
+
+        ``keep_upper``: after the container exits and its overlay is unmounted, move the
+        overlay's upper directory (the container's changes) there instead of deleting it;
+        a build step indexes it as a layer. It must be on the engine's filesystem.
+        """
         image_id = images.resolve(self.store, image_ref)
         index = images.load_index(self.store, image_id)
         container_id = container_id or new_container_id()
@@ -174,7 +180,9 @@ class Engine:
                     spec, index.config, container_id=container_id, stdout=stdout,
                     stderr=stderr, forward_signals=forward_signals)
             finally:
-                ov.unmount(remove=True)
+                ov.unmount()
+                if keep_upper is not None:
+                    os.rename(ov.upper, keep_upper)
                 shutil.rmtree(cdir, ignore_errors=True)
         finally:
             await self.mounts.release(image_id)
