@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from swarm.digest import short, to_hex
-from swarm.errors import RuntimeFailure
+from swarm.errors import RuntimeFailure, SwarmError
 from swarm.fs import images
 from swarm.fs import mounts as fs_mounts
-from swarm.fs.hotdir import ensure_hot_tree
+from swarm.fs.hotdir import async_prepare_hot_tree
 from swarm.fs.mounts import MountManager
+from swarm.fs.source import Fetcher, StoreSource
 from swarm.runtime import overlay as overlay_mod
 from swarm.runtime.runc import Runc, new_container_id, process_start_time
 from swarm.runtime.spec import BindMount, ContainerSpec, Network
@@ -115,6 +116,7 @@ class Engine:
         self.mount_idle_s = mount_idle_s
         self.prefetch = prefetch
         self.hot_trees = hot_trees
+        self.fetcher: Fetcher | None = None  # brings hot sets in; a node may set its own
         self._stack = contextlib.AsyncExitStack()
         self.store: Store
         self.mounts: MountManager
@@ -131,9 +133,14 @@ class Engine:
             self._stack.callback(shutil.rmtree, self.dir, True)
             self.store = Store(self.state_dir / "store")
             self._stack.callback(self.store.close)
+            if self.source is not None and self.prefetch and self.hot_trees:
+                origin = StoreSource(Store(self.source), owns_store=True)
+                self._stack.push_async_callback(origin.aclose)
+                self.fetcher = Fetcher(self.store, origin)
+            # with a fetcher here, the engine prefetches hot sets itself (into hot trees)
             self.mounts = await self._stack.enter_async_context(MountManager(
                 self.dir, store_path=self.state_dir / "store", source=self.source,
-                idle_s=self.mount_idle_s, prefetch=self.prefetch))
+                idle_s=self.mount_idle_s, prefetch=self.prefetch and self.fetcher is None))
             self.runc = Runc(self.dir)
         except BaseException:
             await self._stack.aclose()
@@ -158,10 +165,18 @@ class Engine:
         image_id = images.resolve(self.store, image_ref)
         index = images.load_index(self.store, image_id)
         container_id = container_id or new_container_id()
-        lower = await self.mounts.acquire(image_id)
+        # the mount starts while the hot tree is prepared (prefetched, on a cold node)
+        acquiring = asyncio.ensure_future(self.mounts.acquire(image_id))
+        try:
+            hot = await self._hot_tree(image_id) if self.hot_trees else None
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await acquiring
+                await self.mounts.release(image_id)
+            raise
+        lower = await acquiring
         try:
             lowers = [lower]
-            hot = await self._hot_tree(image_id) if self.hot_trees else None
             if hot is not None:
                 lowers.insert(0, hot)  # local files first; the FUSE mount for the rest
             cdir = self.dir / CONTAINERS_DIR / container_id
@@ -189,16 +204,17 @@ class Engine:
 
 
     async def _hot_tree(self, image_id: bytes) -> Path | None:
-        """The image's hot tree. On a cold node whose image has a recorded hot set, the
-        mount's prefetch of it is awaited first: the files will be read at start-up
-        anyway, and fetched in parallel and then served by the kernel from local files
-        they arrive sooner than one blocking FUSE read at a time."""
-        hot = await asyncio.to_thread(ensure_hot_tree, self.store, self.state_dir, image_id)
-        if hot is None and self.prefetch and images.hot_set(self.store, image_id):
-            await self.mounts.control(image_id, "prefetch-wait")
-            hot = await asyncio.to_thread(ensure_hot_tree, self.store, self.state_dir,
-                                          image_id)
-        return hot
+        """The image's hot tree. On a cold node whose image has a recorded hot set, the hot
+        set is prefetched first (in parallel with the mount's start-up): those files will
+        be read at start-up anyway, and fetched in parallel, then served by the kernel
+        from local files, they arrive sooner than one blocking FUSE read at a time. A
+        failure only costs speed: the FUSE mount serves everything without a tree."""
+        try:
+            return await async_prepare_hot_tree(self.store, self.state_dir, image_id,
+                                                 self.fetcher if self.prefetch else None)
+        except (SwarmError, OSError) as err:
+            log.warning("no hot tree for %s: %s", short(image_id), err)
+            return None
 
 
 @dataclass

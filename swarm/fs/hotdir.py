@@ -19,6 +19,7 @@ is using (overlayfs forbids changing a lower layer under a mount).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -29,6 +30,7 @@ from swarm.digest import to_hex
 from swarm.fs import hotset, images
 from swarm.fs.index import Entry, Index
 from swarm.fs.materialize import export_directory
+from swarm.fs.source import Fetcher
 from swarm.store import Store
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,27 @@ def ensure_hot_tree(store: Store, state_dir: Path, image_id: bytes) -> Path | No
     remove_hot_trees(state_dir, image_id, keep=dest)
     log.info("hot tree of %s: %d entries at %s", to_hex(image_id)[:12], len(sub), dest)
     return dest
+
+
+HOT_PREFETCH_CONCURRENCY = 16  # origin/peer reads in flight while a hot set comes in
+
+
+async def async_prepare_hot_tree(store: Store, state_dir: Path, image_id: bytes,
+                                 fetcher: Fetcher | None) -> Path | None:
+    """``ensure_hot_tree``, first bringing a recorded hot set in through ``fetcher`` when
+    some of it is missing here (a cold node)."""
+    tree = await asyncio.to_thread(ensure_hot_tree, store, state_dir, image_id)
+    if tree is not None or fetcher is None:
+        return tree
+    hot_digest = images.hot_set(store, image_id)
+    if hot_digest is None:
+        return None
+    await fetcher.ensure(hot_digest)
+    digests = await asyncio.to_thread(hotset.load, store, image_id)
+    report = await fetcher.prefetch(digests, HOT_PREFETCH_CONCURRENCY)
+    if report.failed:
+        return None
+    return await asyncio.to_thread(ensure_hot_tree, store, state_dir, image_id)
 
 
 def trees_in_use() -> set[Path]:
