@@ -2,6 +2,10 @@
 
 Tests that need a Debian tree use ``debian_rootfs``: a debootstrap minbase built once per
 machine and cached (see swarm.build.debootstrap).
+
+Every test cleans up what it starts. As a last line of defence, when the session ends,
+whatever is still mounted or running under this session's temporary directory (a test
+that failed half-way, or a bug) is removed, and reported: a leftover is a bug to fix.
 """
 
 from __future__ import annotations
@@ -23,6 +27,37 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "root" in item.keywords:
             item.add_marker(skip)
+
+
+def _mounts_under(base: str) -> list[str]:
+    """Mountpoints below ``base``, deepest (most recently stacked) first."""
+    out = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            mnt = os.fsdecode(line.split(b" ")[4].replace(b"\\040", b" "))
+            if mnt.startswith(base + os.sep):
+                out.append(mnt)
+    return sorted(out, key=lambda m: (-m.count(os.sep), m))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if not IS_ROOT or factory is None or factory._basetemp is None:
+        return
+    base = str(factory.getbasetemp())
+    left = []
+    # containers first (they hold the overlays), then overlays, then the image mounts
+    for state in Path(base).glob("**/runc/*/state.json"):
+        root, cid = state.parent.parent, state.parent.name
+        subprocess.run(["runc", "--root", str(root), "delete", "--force", cid],
+                       capture_output=True)
+        left.append(f"container {cid}")
+    for mnt in _mounts_under(base):
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+        left.append(f"mount {mnt}")
+    if left:
+        print(f"\nconftest: removed {len(left)} leftovers (a bug): " + "; ".join(left[:10]),
+              file=sys.stderr)
 
 
 @pytest.fixture(scope="session")
