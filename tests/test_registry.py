@@ -147,7 +147,6 @@ class _TokenProxy(http.server.BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
-
         if self.path.startswith("/token"):
             body = json.dumps({"token": self.token}).encode()
             self.send_response(200)

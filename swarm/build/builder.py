@@ -314,6 +314,48 @@ class Builder:
         return _with_image(state, new_id)
 
 
+    def ensure_dir(self, st: State, path: str, where: str) -> State:
+        """WORKDIR's directory: created (root-owned, 0755) when the image lacks it."""
+        index = self.load(st.image_id)
+        real = resolve_in_index(index.by_path, path.encode(), where, follow_last=True)
+        e = index.by_path.get(real)
+        if e is not None:
+            if e.kind != "dir":
+                raise BuildError(f"{where}: WORKDIR: {path} exists and is a {e.kind}, not a "
+                                 "directory")
+            return st
+        entry = Entry(real, "dir", DIR_MODE)
+        return self.add_entries(st, ["WORKDIR", path], lambda _i, _b: {real: entry},
+                                where=where)
+
+    def copy_local(self, st: State, src: Path, dest: str, where: str) -> State:
+        """A local file, or a directory's contents, into ``dest`` (relative to WORKDIR),
+        root-owned; the key holds every copied file's digest."""
+        if not src.exists():
+            raise BuildError(f"{where}: {src}: no such file or directory")
+        wd = st.config.get("WorkingDir") or "/"
+        parent = self.load(st.image_id)
+        dest_real = resolve_in_index(parent.by_path, posixpath.normpath(
+            posixpath.join(wd, dest)).encode(), where, follow_last=True)
+        ctx = ContextFiles(src if src.is_dir() else src.parent)
+        rel = "." if src.is_dir() else src.name
+        out: dict[bytes, Entry] = {}
+        with self.store.batch() as batch:
+            for sub, full in ctx.walk(rel):
+                if sub == "" and src.is_dir():
+                    if dest_real not in parent.by_path:
+                        out[dest_real] = Entry(dest_real, "dir", DIR_MODE)
+                    continue
+                target = dest_real.rstrip(b"/") + b"/" + os.fsencode(sub) if sub else dest_real
+                ent = entry_for(target, full, batch, owner=None, chmod=None)
+                if ent is not None:
+                    out[target] = ent
+        digests = sorted((p, e.kind, e.mode, e.digest or e.target or b"")
+                         for p, e in out.items())
+        return self.add_entries(st, ["COPY-LOCAL", dest, digests], lambda _p, _b: out,
+                                where=where)
+
+
 def _with_image(state: State, image_id: bytes) -> State:
     return State(image_id, state.config, state.name, state.args, state.cmd_set)
 
@@ -684,7 +726,7 @@ class DockerfileBuild:
             cur = cfg.get("WorkingDir") or "/"
             wd = posixpath.normpath(posixpath.join(cur, path))
             cfg["WorkingDir"] = wd
-            new = self._ensure_dir(new, wd, ins)
+            new = self.b.ensure_dir(new, wd, ins.where)
         elif cmd == "USER":
             user = self._word(ins, ins.args[0], env)
             if not user:
@@ -757,18 +799,6 @@ class DockerfileBuild:
             except ValueError:
                 raise ins.error(f"--retries={ins.flags['retries']}: not a number") from None
         return hc
-
-    def _ensure_dir(self, st: State, path: str, ins: Instruction) -> State:
-        index = self.b.load(st.image_id)
-        real = resolve_in_index(index.by_path, path.encode(), ins.where, follow_last=True)
-        e = index.by_path.get(real)
-        if e is not None:
-            if e.kind != "dir":
-                raise ins.error(f"{path} exists and is a {e.kind}, not a directory")
-            return st
-        entry = Entry(real, "dir", DIR_MODE, mtime_ns=0)
-        return self.b.add_entries(st, ["WORKDIR", path], lambda _i, _b: {real: entry},
-                                  where=ins.where)
 
     async def _run(self, st: State, ins: Instruction) -> State:
         net = ins.flags.get("network", "default")
