@@ -491,6 +491,10 @@ from swarm.cli_node import register as _register_node_commands  # noqa: E402
 
 _register_node_commands(cli)  # swarm node / up / join
 
+from swarm.gossip.cli import register as _register_gossip_commands  # noqa: E402
+
+_register_gossip_commands(cli)  # swarm status / peers
+
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the click group, mapping errors to one line and an exit code."""

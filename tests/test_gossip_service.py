@@ -122,3 +122,29 @@ def test_loopback_join_reaches_everyone(n: int) -> None:
                 assert await x.async_wait(lambda x=x: x.swim.num_members() == n, WAIT_S)
 
     asyncio.run(main())
+
+
+def test_zeroconf_discovery_joins_same_cluster_only() -> None:
+    """mDNS pinned to loopback: two members of one cluster find each other with no seed;
+    a node of another cluster is seen and ignored (its cluster id differs)."""
+
+    async def main() -> None:
+        cluster = ClusterKey.generate()
+
+        def make(c: ClusterKey) -> GossipService:
+            return GossipService(c, NodeKey.generate(), f"127.0.0.1:{free_port()}",
+                                 timing=QUICK, discovery=True,
+                                 discovery_interfaces=["127.0.0.1"])
+
+        async with contextlib.AsyncExitStack() as stack:
+            a, b, other = make(cluster), make(cluster), make(ClusterKey.generate())
+            for svc in (a, b, other):
+                await svc.async_start()
+                stack.push_async_callback(svc.async_stop)
+            assert await a.async_wait(lambda: b.name in a.swim.members, WAIT_S)
+            assert await b.async_wait(lambda: a.name in b.swim.members, WAIT_S)
+            assert a._discovery is not None
+            assert other.name not in a.swim.members
+            assert other.addr not in a._discovery.found.values()
+
+    asyncio.run(main())

@@ -81,6 +81,7 @@ class GossipService:
                  transport: Transport | None = None, timing: Timing | None = None,
                  sampler: node_state.StateSampler | None = None,
                  seeds: Sequence[str] = (), discovery: bool = False,
+                 discovery_interfaces: list[str] | None = None,
                  rng: random.Random | None = None) -> None:
         self.cluster = cluster
         self.node = node
@@ -90,6 +91,8 @@ class GossipService:
         self.sampler = sampler
         self.seeds = list(seeds)
         self.discovery_enabled = discovery
+        # addresses of the interfaces mDNS runs on (None: all; tests pin loopback)
+        self.discovery_interfaces = discovery_interfaces
         self.codec = DatagramCodec(gossip_key(cluster), clock=time.time,
                                    window_s=self.timing.replay_window_s,
                                    max_datagram_bytes=self.timing.max_datagram_bytes)
