@@ -14,10 +14,11 @@ import errno
 import logging
 import os
 import stat as statmod
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from swarm.build.progress import Progress
 from swarm.digest import hash_bytes
@@ -26,8 +27,10 @@ from swarm.fs import images
 from swarm.fs.images import ImageRecord
 from swarm.fs.index import Entry, Index, kind_of
 from swarm.store import Store
+from swarm.store.cas import Batch
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")
 
 # xattrs that describe how a tree is stored, not what it is (overlayfs bookkeeping).
 SKIP_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
@@ -92,6 +95,52 @@ def _read_small(path: bytes, size: int) -> tuple[bytes, bytes] | None:
     return hash_bytes(data), data
 
 
+class ContentPipeline(Generic[K]):
+    """Files read and hashed on a thread pool while the calling thread appends them to the
+    store, in submission order: reading, hashing (blake3 releases the GIL) and LMDB writes
+    overlap. ``on_stored(key, digest, size)`` runs on the calling thread for each file."""
+
+    def __init__(self, batch: Batch, on_stored: Callable[[K, bytes, int], None],
+                 progress: Progress | None = None) -> None:
+        self.batch = batch
+        self.on_stored = on_stored
+        self.progress = progress
+        self._pool = ThreadPoolExecutor(READ_THREADS)
+        self._pending: deque[tuple[K, Future[tuple[bytes, bytes] | None], bytes]] = deque()
+
+    def __enter__(self) -> ContentPipeline[K]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.drain()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, key: K, path: bytes, size: int) -> None:
+        self._pending.append((key, self._pool.submit(_read_small, path, size), path))
+        self._settle(PIPELINE_DEPTH)
+
+    def drain(self) -> None:
+        """Store every file submitted so far."""
+        self._settle(0)
+
+    def _settle(self, limit: int) -> None:
+        while len(self._pending) > limit:
+            key, fut, path = self._pending.popleft()
+            got = fut.result()
+            if got is None:  # too big to read whole: stream it chunk by chunk
+                digest, size = self.batch.put_file(path)
+            else:
+                digest, data = got
+                self.batch.put_digest(digest, data)
+                size = len(data)
+            self.on_stored(key, digest, size)
+            if self.progress is not None:
+                self.progress.advance(files=1, nbytes=size)
+
+
 def import_directory(
     store: Store,
     path: str | os.PathLike[str],
@@ -110,23 +159,11 @@ def import_directory(
     entries: list[Entry] = []
     inodes: dict[tuple[int, int], int] = {}  # (dev, ino) -> index in entries of first link
     links: dict[int, int] = {}  # index of first link -> group
-    pending: list[tuple[int, Future[tuple[bytes, bytes] | None], bytes]] = []
 
-    with store.batch() as batch, ThreadPoolExecutor(READ_THREADS) as pool:
+    def stored(i: int, digest: bytes, size: int) -> None:
+        entries[i] = entries[i]._replace(digest=digest, size=size)
 
-        def settle(limit: int) -> None:
-            while len(pending) > limit:
-                i, fut, full = pending.pop(0)
-                got = fut.result()
-                if got is None:
-                    digest, size = batch.put_file(full)
-                else:
-                    digest, data = got
-                    batch.put_digest(digest, data)
-                    size = len(data)
-                entries[i] = entries[i]._replace(digest=digest, size=size)
-                progress.advance(files=1, nbytes=size)
-
+    with store.batch() as batch, ContentPipeline(batch, stored, progress) as pipeline:
         for rel, st in walk(root):
             if exclude is not None and rel != b"/" and exclude(rel):
                 continue
@@ -153,10 +190,8 @@ def import_directory(
                 inodes[key] = len(entries)
             entries.append(e)
             if kind == "file":
-                pending.append((len(entries) - 1, pool.submit(_read_small, full, st.st_size),
-                                full))
-                settle(PIPELINE_DEPTH)
-        settle(0)
+                pipeline.submit(len(entries) - 1, full, st.st_size)
+        pipeline.drain()  # every file stored before the hard links below take digests
 
         # hard links: every member of a group shares the first link's digest and size
         final = []

@@ -26,10 +26,9 @@ import errno
 import os
 import stat as statmod
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from swarm.build.importer import READ_THREADS, _read_small, read_xattrs, walk
+from swarm.build.importer import ContentPipeline, read_xattrs, walk
 from swarm.build.progress import Progress
 from swarm.fs.index import Entry, Index, kind_of
 from swarm.store.cas import Batch
@@ -46,7 +45,6 @@ MOUNT_POINTS: frozenset[bytes] = frozenset({
 # Bind-mounted over by runc: their content in a step is the host's, never the image's.
 BIND_MOUNTED_FILES: frozenset[bytes] = frozenset({
     b"/etc/resolv.conf", b"/etc/hostname", b"/etc/hosts"})
-PIPELINE_DEPTH = 64
 
 
 @dataclass
@@ -100,25 +98,12 @@ def apply_upper(parent: Index, upper: str | os.PathLike[str], batch: Batch, *,
     opaque: set[bytes] = set()
     inodes: dict[tuple[int, int], bytes] = {}  # (dev, ino) -> first path in the upper
     link_of: dict[bytes, bytes] = {}  # later hard link -> first path
-    pending: list[tuple[bytes, Future[tuple[bytes, bytes] | None], bytes]] = []
+    def stored(path: bytes, digest: bytes, size: int) -> None:
+        added[path] = added[path]._replace(digest=digest, size=size)
+        stats.files += 1
+        stats.bytes += size
 
-    def settle(limit: int) -> None:
-        while len(pending) > limit:
-            path, fut, full = pending.pop(0)
-            got = fut.result()
-            if got is None:
-                digest, size = batch.put_file(full)
-            else:
-                digest, data = got
-                batch.put_digest(digest, data)
-                size = len(data)
-            added[path] = added[path]._replace(digest=digest, size=size)
-            stats.files += 1
-            stats.bytes += size
-            if progress is not None:
-                progress.advance(files=1, nbytes=size)
-
-    with ThreadPoolExecutor(READ_THREADS) as pool:
+    with ContentPipeline(batch, stored, progress) as pipeline:
         for rel, st in walk(root):
             full = root + rel if rel != b"/" else root
             kind = kind_of(st.st_mode)
@@ -150,9 +135,7 @@ def apply_upper(parent: Index, upper: str | os.PathLike[str], batch: Batch, *,
                     continue
             added[rel] = e
             if kind == "file":
-                pending.append((rel, pool.submit(_read_small, full, st.st_size), full))
-                settle(PIPELINE_DEPTH)
-        settle(0)
+                pipeline.submit(rel, full, st.st_size)
 
     # Lower paths whose whole subtree is gone: whiteouts, and anything the upper replaced
     # with an entry of another kind (a non-directory hides what was below it).
