@@ -10,16 +10,17 @@ first, since creating a child changes its parent's mtime.
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import stat as statmod
 import tarfile
-from collections.abc import Iterable
 from typing import IO, Any
 
 from swarm.build.progress import Progress
 from swarm.errors import SwarmError, UsageError
 from swarm.fs.index import Entry, Index
 from swarm.store import Store
+from swarm.store.cas import PartsReader
 
 WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -86,26 +87,6 @@ def export_directory(store: Store, index: Index, dest: str | os.PathLike[str],
         os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
 
 
-class _ChunkReader:
-    """A file object over the store content of one digest, for ``tarfile.addfile``."""
-
-    def __init__(self, parts: Iterable[bytes]) -> None:
-        self._parts = iter(parts)
-        self._buf = b""
-
-    def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self._buf) < n:
-            nxt = next(self._parts, None)
-            if nxt is None:
-                break
-            self._buf += nxt
-        if n < 0:
-            out, self._buf = self._buf, b""
-        else:
-            out, self._buf = self._buf[:n], self._buf[n:]
-        return out
-
-
 def _mtime_pax(ns: int) -> str:
     sec, frac = divmod(ns, 1_000_000_000)
     return f"{sec}.{frac:09d}" if frac else str(sec)
@@ -148,7 +129,7 @@ def export_tar(store: Store, index: Index, out: IO[bytes], compression: str = ""
             elif e.kind == "file":
                 assert e.digest is not None
                 ti.type, ti.size = tarfile.REGTYPE, e.size
-                data = _ChunkReader(store.iter_content(e.digest))
+                data = io.BufferedReader(PartsReader(store.iter_content(e.digest)))
             elif e.kind == "symlink":
                 assert e.target is not None
                 ti.type, ti.linkname = tarfile.SYMTYPE, os.fsdecode(e.target)

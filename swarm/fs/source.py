@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import io
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import IO
 
 from swarm.digest import hash_bytes, to_hex
 from swarm.errors import BlobMissing, CorruptBlob, SwarmError
 from swarm.store import Store
-from swarm.store.cas import Manifest
+from swarm.store.cas import Manifest, PartsReader
 
 log = logging.getLogger(__name__)
 
@@ -118,28 +118,6 @@ class PrefetchReport:
     fetched: int = 0  # digests brought in
     present: int = 0  # digests already local
     failed: int = 0
-
-
-class _ChunkStream:
-    """A read-only stream over chunks already in the local store, in order: lets
-    ``Store.put_stream`` re-hash and re-chunk a fetched file one chunk at a time."""
-
-    def __init__(self, store: Store, chunks: tuple[bytes, ...]) -> None:
-        self._store = store
-        self._chunks = iter(chunks)
-        self._buf = b""
-
-    def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self._buf) < n:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                break
-            self._buf += self._store.get(chunk)
-        if n < 0:
-            out, self._buf = self._buf, b""
-        else:
-            out, self._buf = self._buf[:n], self._buf[n:]
-        return out
 
 
 class Fetcher:
@@ -256,7 +234,8 @@ class Fetcher:
     async def _bring_chunked(self, digest: bytes, man: Manifest, parallel: int) -> None:
         await self._leaves_bounded(list(man.chunks), parallel)
         got, _size = await asyncio.to_thread(
-            self.store.put_stream, _as_stream(_ChunkStream(self.store, man.chunks)))
+            self.store.put_stream,
+            io.BufferedReader(PartsReader(self.store.get(c) for c in man.chunks)))
         if got != digest:
             self.stats.corrupt += 1
             log.error("chunk manifest of %s from %s assembles to %s: rejected",
@@ -322,8 +301,3 @@ def _forget(table: dict[bytes, asyncio.Task[None]], key: bytes, task: asyncio.Ta
         del table[key]
     if not task.cancelled():
         task.exception()  # retrieved: every waiter may have gone; it was logged or raised
-
-
-def _as_stream(stream: _ChunkStream) -> IO[bytes]:
-    """``put_stream`` only calls ``read(n)``; this keeps the type checker honest about it."""
-    return stream  # type: ignore[return-value]

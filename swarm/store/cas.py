@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import struct
@@ -819,6 +820,32 @@ class Batch:
     def txn(self) -> lmdb.Transaction:
         """The open write transaction, for callers that add records atomically with blobs."""
         return self._begin()
+
+
+class PartsReader(io.RawIOBase):
+    """A read-only binary stream over an iterator of byte strings (a file's chunks, as
+    ``Store.iter_content`` yields them): ``tarfile`` and ``put_stream`` read from it
+    without the whole content ever being in memory."""
+
+    def __init__(self, parts: Iterable[bytes]) -> None:
+        super().__init__()
+        self._parts = iter(parts)
+        self._buf = bytearray()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, out: Any) -> int:
+        view = memoryview(out).cast("B")
+        while not self._buf:
+            nxt = next(self._parts, None)
+            if nxt is None:
+                return 0
+            self._buf += nxt
+        n = min(len(view), len(self._buf))
+        view[:n] = self._buf[:n]
+        del self._buf[:n]
+        return n
 
 
 def _read_full(stream: IO[bytes], n: int) -> bytes:
