@@ -99,3 +99,27 @@ def run_cli(args: list[str], exit_code: int = 0, *, state_dir: Path | None = Non
     if exit_code != 0:
         assert "Traceback" not in proc.stderr, proc.stderr
     return res
+
+
+def python_image_state(tmp_path_factory: pytest.TempPathFactory, rootfs: Path, name: str) -> Path:
+    """A new state dir whose store holds ``rootfs`` imported as image ``py``."""
+    from swarm.build.importer import import_directory
+    from swarm.store import Store
+
+    state = tmp_path_factory.mktemp(name) / "state"
+    with Store(state / "store") as s:
+        import_directory(s, rootfs, ["py"])
+    return state
+
+
+def assert_nothing_left(state: Path) -> None:
+    """No image mount, overlay, container or engine directory remains under ``state``."""
+    from swarm.fs import mounts as fs_mounts
+    from swarm.node import list_containers
+    from swarm.runtime import overlay as overlay_mod
+
+    assert fs_mounts.swarm_mounts(state) == []
+    assert overlay_mod.mounts_under(state) == []
+    assert list_containers(state) == []
+    engines = state / "engines"
+    assert not engines.exists() or list(engines.iterdir()) == []

@@ -10,14 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import assert_nothing_left, python_image_state, run_cli
 from swarm.build.builder import BuildResult, build_dockerfile
-from swarm.build.importer import import_directory
 from swarm.errors import BuildError
 from swarm.fs import images
-from swarm.fs import mounts as fs_mounts
-from swarm.node import list_containers
-from swarm.runtime import overlay as overlay_mod
 from swarm.store import Store
 
 pytestmark = pytest.mark.root
@@ -25,22 +21,14 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture(scope="module")
 def state(debian_python_rootfs, tmp_path_factory):
-    """A state dir whose store already holds the python3 base tree (so the builder's
-    debian_slim import of the same tree stores nothing new)."""
-    state = tmp_path_factory.mktemp("build") / "state"
-    with Store(state / "store") as s:
-        import_directory(s, debian_python_rootfs, ["py"])
-    return state
+    """A state dir holding the python3 image as `py`."""
+    return python_image_state(tmp_path_factory, debian_python_rootfs, "build")
 
 
 @pytest.fixture(autouse=True)
 def nothing_left_behind(state):
     yield
-    assert fs_mounts.swarm_mounts(state) == []
-    assert overlay_mod.mounts_under(state) == []
-    assert list_containers(state) == []
-    engines = state / "engines"
-    assert not engines.exists() or list(engines.iterdir()) == []
+    assert_nothing_left(state)
 
 
 def build(state: Path, ctx: Path, **kw) -> BuildResult:

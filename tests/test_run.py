@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
-from swarm.build.importer import import_directory
+from conftest import assert_nothing_left, python_image_state, run_cli
 from swarm.fs import mounts as fs_mounts
 from swarm.node import Engine, RunOptions, list_containers
 from swarm.runtime import overlay as overlay_mod
 from swarm.runtime.spec import BindMount
-from swarm.store import Store
 
 pytestmark = pytest.mark.root
 
@@ -27,20 +25,13 @@ pytestmark = pytest.mark.root
 @pytest.fixture(scope="module")
 def state(debian_python_rootfs, tmp_path_factory):
     """A state dir holding the python3 image as `py`."""
-    state = tmp_path_factory.mktemp("run") / "state"
-    with Store(state / "store") as s:
-        import_directory(s, debian_python_rootfs, ["py"])
-    return state
+    return python_image_state(tmp_path_factory, debian_python_rootfs, "run")
 
 
 @pytest.fixture(autouse=True)
 def nothing_left_behind(state):
     yield
-    assert fs_mounts.swarm_mounts(state) == []
-    assert overlay_mod.mounts_under(state) == []
-    assert list_containers(state) == []
-    engines = state / "engines"
-    assert not engines.exists() or list(engines.iterdir()) == []
+    assert_nothing_left(state)
 
 
 def test_run_python_one_liner_and_exit_codes(state):
