@@ -205,3 +205,21 @@ def test_hot_tree_serves_hot_files_without_the_daemon(state, tmp_path):
             assert not tree.exists()
 
     asyncio.run(scenario())
+
+
+def test_ctrl_c_stops_the_container(state, tmp_path):
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    os.mkfifo(sync / "ready")
+    env = dict(os.environ, SWARM_STATE_DIR=str(state))
+    proc = subprocess.Popen([sys.executable, "-m", "swarm.cli", "run", "-v", f"{sync}:/sync",
+                             "py", "sh", "-c", "echo up > /sync/ready; exec sleep 1000"],
+                            env=env)
+    try:
+        with open(sync / "ready") as f:
+            assert f.read() == "up\n"
+        proc.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C delivers
+        assert proc.wait(timeout=30) == 128 + signal.SIGINT
+    finally:
+        proc.kill()
+        proc.wait()
