@@ -228,3 +228,14 @@ def test_dead_member_forgotten_after_retain_window() -> None:
     net.run_for(8)
     for a in addrs[:3]:
         assert "n3" not in net.nodes[a].swim.members
+
+
+def test_a_seed_that_was_not_up_yet_is_retried() -> None:
+    net = SimNetwork(seed=2, timing=QUICK)
+    first = net.add("n0", KEY)
+    net.kill(first.addr)  # not answering yet
+    late = net.add("n1", KEY, seeds=(first.addr,))
+    net.run_for(1)
+    assert late.num_members() == 1
+    net.nodes[first.addr].alive = True  # the seed comes up
+    assert net.run_until(lambda: late.num_members() == 2, 3 * QUICK.push_pull_interval_s)

@@ -227,6 +227,7 @@ class Swim:
         self._relays: dict[int, _Relay] = {}
         self._probe_order: list[str] = []
         self._started = False
+        self._seeds: list[str] = []  # tried again while we know nobody (seed not up yet)
         self._broadcast_alive()
 
     # ------------------------------------------------------------------ driving
@@ -247,6 +248,7 @@ class Swim:
         for a in addrs:
             if a != self.addr:
                 self._syncs.append((a, True))
+                self._seeds.append(a)
 
     def next_deadline(self) -> float | None:
         return self._timers[0][0] if self._timers else None
@@ -608,6 +610,8 @@ class Swim:
                  if n != self.name and m.status is Status.ALIVE]
         if peers:
             self._syncs.append((self.rng.choice(peers), False))
+        elif self._seeds and self.num_members() == 1:
+            self._syncs.extend((a, True) for a in self._seeds)
 
     def _reconnect_round(self) -> None:
         """Try one dead member: a healed partition, or a node that came back."""
