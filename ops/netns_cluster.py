@@ -57,6 +57,7 @@ class Cluster:
         self.file = self.dir / "cluster.json"
         self.subnet = subnet
         self.doc: dict[str, Any] = {"name": name, "subnet": subnet, "nodes": []}
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}  # nodes this process started
         if self.file.is_file():
             self.doc = json.loads(self.file.read_text())
             self.subnet = self.doc["subnet"]
@@ -131,6 +132,7 @@ class Cluster:
                  "-v", *args, "--listen", f"{self.ip(i)}:{NODE_PORT}"],
                 env=env, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=REPO)
+        self.procs[i] = proc
         self.doc["nodes"].append({"index": i, "pid": proc.pid, "ip": self.ip(i),
                                   "addr": f"{self.ip(i)}:{NODE_PORT}", "netns": self.netns(i),
                                   "state_dir": str(d / "state"), "log": str(d / "node.log")})
@@ -149,7 +151,7 @@ class Cluster:
                 tail = (d / "node.log").read_text(errors="replace")[-2000:]
                 raise SystemExit(f"node {i} exited before it was ready:\n{tail}")
             buf += chunk
-            lines = buf.decode(errors="replace").splitlines()
+            lines = buf.decode(errors="replace").split("\n")[:-1]  # complete lines only
             for line in lines:
                 if line.startswith("join token: "):
                     out["token"] = line.split(": ", 1)[1].strip()

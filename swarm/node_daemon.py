@@ -10,7 +10,8 @@ no socket, container, overlay or FUSE mount outlives the process.
 Cluster state in ``<state>``: ``node.key`` (this node's X25519 key pair), ``cluster.json``
 (the join token and the members last known, so a restarted node rejoins on its own), both
 mode 0600. Configuration: ``<state>/node.toml`` (keys ``listen``, ``advertise``, ``peers``),
-overridden by ``SWARM_LISTEN`` / ``SWARM_ADVERTISE``, overridden by flags.
+overridden by ``SWARM_LISTEN`` / ``SWARM_ADVERTISE`` / ``SWARM_MOUNT_IDLE_S``, overridden
+by flags.
 
 Membership, until the gossip issue: a static set of addresses. ``join`` at a member
 answers with every member it knows; the joiner then introduces itself to each of them.
@@ -103,6 +104,8 @@ def load_config(state_dir: Path, **flags: Any) -> NodeConfig:
     for key, env in (("listen", "SWARM_LISTEN"), ("advertise", "SWARM_ADVERTISE")):
         if os.environ.get(env):
             setattr(cfg, key, os.environ[env])
+    if os.environ.get("SWARM_MOUNT_IDLE_S"):
+        cfg.mount_idle_s = float(os.environ["SWARM_MOUNT_IDLE_S"])
     cfg.serve_corrupt = os.environ.get(CORRUPT_ENV) == "1"
     for key, value in flags.items():
         if value is not None and value != []:
@@ -541,13 +544,19 @@ def serve_forever(cfg: NodeConfig, *, print_token: bool) -> None:
     token when asked) and then ``ready`` on stdout, so a launcher can wait for that line."""
 
     def ready(node: Node) -> None:
-        print(f"swarm node {node.key.short} listening on {node.addr}", flush=True)
+        lines = [f"swarm node {node.key.short} listening on {node.addr}"]
         if print_token:
-            print(f"join token: {node.cluster.token}", flush=True)
-            print(f"to add a machine: swarm join {node.addr} --token {node.cluster.token}",
-                  flush=True)
-        print("ready", flush=True)
+            lines += [f"join token: {node.cluster.token}",
+                      f"to add a machine: swarm join {node.addr} --token {node.cluster.token}"]
+        text = "\n".join([*lines, "ready"]) + "\n"
+        # One write, then stdout points at /dev/null: a launcher closes its end of the pipe
+        # once it has read "ready", and a later write (even Python's flush at exit) must
+        # not fail with EPIPE and take the node down.
+        sys.stdout.flush()
         with contextlib.suppress(OSError):
-            sys.stdout.flush()
+            os.write(sys.stdout.fileno(), text.encode())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
     asyncio.run(Node(cfg, on_ready=ready).run())

@@ -50,7 +50,7 @@ def wait_ready(proc: subprocess.Popen[bytes], log: Path) -> list[str]:
             raise AssertionError(f"node exited {proc.returncode} before it was ready; "
                                  f"log:\n{log.read_text()[-3000:]}")
         buf += chunk
-        lines = buf.decode().splitlines()
+        lines = buf.decode().split("\n")[:-1]  # complete lines only
         if "ready" in lines:
             return lines
 

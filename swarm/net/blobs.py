@@ -198,12 +198,15 @@ class PeerSource(BlobSource):
 
     async def fetch_manifest(self, digest: bytes) -> Manifest | None:
         """A manifest cannot be checked until its file is assembled (the Fetcher does
-        that). Being asked again for the same digest means that assembly failed, so the
-        peer that gave the last manifest is suspected and another is asked."""
+        that). When asked again for a digest, the peer that gave the last manifest is
+        asked last: if that manifest did not assemble, another peer's is tried first. It
+        is not marked suspect: a second ask may also mean the store was emptied since."""
         prev = self._manifest_from.pop(digest, None)
-        if prev is not None:
-            self.suspect(prev, f"its manifest of {to_hex(digest)} did not assemble")
-        for addr in self.candidates(digest):
+        order = self.candidates(digest)
+        if prev in order and len(order) > 1:
+            order.remove(prev)
+            order.append(prev)
+        for addr in order:
             try:
                 raw = await self._ask(addr, "blob.manifest", digest)
             except (RemoteError, PeerError):
