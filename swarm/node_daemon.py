@@ -45,6 +45,8 @@ from swarm.errors import (
 )
 from swarm.fs import images
 from swarm.fs.source import Fetcher
+from swarm.gossip.service import GossipService
+from swarm.gossip.state import StateSampler
 from swarm.net import frames
 from swarm.net.blobs import BlobService, PeerSource
 from swarm.net.rpc import Call, Connection, Handler
@@ -68,6 +70,8 @@ CORRUPT_ENV = "SWARM_TEST_SERVE_CORRUPT"
 # Test-only: a node started with this set to 1 SIGKILLs itself when a member asks it for a
 # blob, so tests can show that a peer dying mid-transfer does not fail the read.
 DIE_ENV = "SWARM_TEST_DIE_ON_SERVE"
+# zeroconf discovery multicasts on every interface: only where the LAN is ours to use
+DISCOVERY_ENV = "SWARM_DISCOVERY"
 JOIN_TIMEOUT_S = 10.0
 # Bytes of container output read from the pipe at once before they go out as one DATA.
 OUTPUT_CHUNK_BYTES = 64 << 10
@@ -321,6 +325,9 @@ class Node:
         parse_addr(addr)
         self.members[addr] = None
         self.member_list = tuple(self.members)
+        gossip = getattr(self, "gossip", None)  # none yet while the node is starting
+        if gossip is not None:
+            gossip.join([addr])
         self._save_cluster()
         log.info("member %s added (%d members)", addr, len(self.members) + 1)
         return True
@@ -368,6 +375,17 @@ class Node:
                              "address members reach this node at")
         self.members.pop(self.addr, None)
         self.member_list = tuple(self.members)
+        # membership: SWIM gossip over UDP on the listener's port; the member list that
+        # blob fetches use follows it (a tuple, replaced whole: the proxy thread reads it)
+        self.gossip = GossipService(
+            self.cluster, self.key, self.addr, transport=self.transport,
+            sampler=StateSampler(store=self.engine.store,
+                                 containers=lambda: len(list_containers(self.state_dir))),
+            seeds=list(self.members), discovery=os.environ.get(DISCOVERY_ENV) == "1")
+        peer_handlers.update(self.gossip.handlers())
+        self.gossip.listeners.append(self._follow_gossip)
+        await self.gossip.async_start(bind=format_addr(bound_host, bound_port))
+        stack.push_async_callback(self.gossip.async_stop)
         self.proxy = BlobProxy(self, blobs_socket)
         stack.push_async_callback(self.proxy.aclose)
         await self.proxy.start()
@@ -392,10 +410,23 @@ class Node:
         finally:
             os.close(fd)
 
+    def _follow_gossip(self) -> None:
+        alive = tuple(a for a in self.gossip.alive_addrs() if a != self.addr)
+        for addr in alive:
+            self.members.setdefault(addr, None)
+        self.member_list = alive
+
+    async def _gossip_peers(self, call: Call) -> list[dict[str, Any]]:
+        return self.gossip.peers_json()
+
+    async def _gossip_status(self, call: Call) -> dict[str, Any]:
+        return self.gossip.status_json()
+
     async def _serve_local(self, stack: contextlib.AsyncExitStack) -> None:
         await _serve_unix(stack, self.socket, {
             "status": self._status, "ps": self._ps, "image.resolve": self._image_resolve,
-            "run": self._run, "blob.get": self._proxied, "blob.manifest": self._proxied})
+            "run": self._run, "blob.get": self._proxied, "blob.manifest": self._proxied,
+            "gossip.peers": self._gossip_peers, "gossip.status": self._gossip_status})
 
     async def _join_cluster(self) -> None:
         """Introduce ourselves to the seeds and to every member they know. A seed given on

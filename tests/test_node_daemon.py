@@ -70,3 +70,19 @@ def test_sigterm_stops_cleanly_and_sigkill_leaves_nothing_a_restart_cannot_fix(n
 def test_a_second_node_on_one_state_dir_is_refused_with_a_message(nodes):
     a = nodes.start("a", "up")
     run_cli(["up", "--listen", "127.0.0.1:0"], 2, state_dir=a.state)
+
+
+def test_swarm_peers_shows_gossip_membership(nodes):
+    """The node runs SWIM gossip on its listener's port: `swarm peers` lists the members
+    it learned, alive, with their gossiped state; `swarm status` summarises."""
+    a = nodes.start("a", "up")
+    b = nodes.start("b", "join", a.addr, "--token", a.token)
+    peers: list = []
+    for _ in range(50):  # each call is a process start: bounded, no sleep
+        peers = json.loads(run_cli(["peers", "--json"], state_dir=a.state).stdout)
+        if {p["addr"] for p in peers if p["state"] == "alive"} == {a.addr, b.addr}:
+            break
+    assert {p["addr"]: p["state"] for p in peers} == {a.addr: "alive", b.addr: "alive"}
+    assert [p["self"] for p in peers if p["addr"] == a.addr] == [True]
+    status = json.loads(run_cli(["status", "--json"], state_dir=a.state).stdout)
+    assert status["members"]["alive"] == 2

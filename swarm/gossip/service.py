@@ -113,7 +113,15 @@ class GossipService:
         self._discovery: Any = None
         # set on every membership change or new blob filter (tests await it)
         self.changed = asyncio.Event()
-        self.swim.on_change = lambda _m: self.changed.set()
+        # called (on the loop) after every membership change: the node keeps the member
+        # list its blob fetches use current from here
+        self.listeners: list[Callable[[], None]] = []
+        self.swim.on_change = self._on_change
+
+    def _on_change(self, _member: Member) -> None:
+        self.changed.set()
+        for fn in self.listeners:
+            fn()
 
     # ------------------------------------------------------------------ lifecycle
     def handlers(self) -> dict[str, Handler]:
