@@ -28,11 +28,12 @@ from ops.netns_cluster import REPO, Cluster, sh
 
 pytestmark = [pytest.mark.root, pytest.mark.cluster]
 
-NODES = 6
+# a longer, bigger run on request (the issue asks 8 nodes over minutes; CI runs this size)
+NODES = int(os.environ.get("SWARM_TEST_GOSSIP_NODES", "6"))
 PORT = 7946
 QUICK = 0.5  # every gossip period x0.5: probe 0.5 s, suspicion >= 2 s
 POLL_S = 0.2  # other processes' files: polled, there is no event to await across them
-LOSS_WATCH_S = 30.0
+LOSS_WATCH_S = float(os.environ.get("SWARM_TEST_GOSSIP_LOSS_S", "30"))
 
 
 class GossipNetns:
