@@ -53,7 +53,7 @@ from swarm.net.rpc import Call, Connection, Handler
 from swarm.net.secure import ClusterKey, NodeKey
 from swarm.net.transport import Transport, format_addr, parse_addr
 from swarm.node import Engine, RunOptions, list_containers
-from swarm.nodeapi import MAX_SOCKET_PATH_BYTES, socket_path
+from swarm.nodeapi import MAX_SOCKET_PATH_BYTES, SocketSource, socket_path
 from swarm.runtime.spec import BindMount
 
 log = logging.getLogger(__name__)
@@ -358,6 +358,12 @@ class Node:
         # mount daemons fetch missing blobs through the proxy (see nodeapi.SocketSource)
         blobs_socket = self.state_dir / BLOBS_SOCKET
         self.engine.mounts.extra_args = ("--source-socket", str(blobs_socket))
+        # the engine brings a cold image's hot set in itself, many files in flight, into
+        # a hot tree (swarm.fs.hotdir); the mount daemons then fetch only the rest
+        engine_source = SocketSource(blobs_socket)
+        stack.push_async_callback(engine_source.aclose)
+        self.engine.fetcher = Fetcher(self.engine.store, engine_source)
+        self.engine.mounts.prefetch = False
         self.service = BlobService(self.engine.store, corrupt=self.cfg.serve_corrupt,
                                    die_on_serve=os.environ.get(DIE_ENV) == "1")
         if self.cfg.serve_corrupt:
