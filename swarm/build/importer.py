@@ -76,6 +76,19 @@ def walk(root: bytes) -> Iterator[tuple[bytes, os.stat_result]]:
                 stack.append(path)
 
 
+def entry_from_stat(rel: bytes, full: bytes, st: os.stat_result, kind: str) -> Entry:
+    """The index entry of the file at ``full`` (image path ``rel``), content not yet
+    stored: type, permission bits, owner, mtime, xattrs, link target, device number."""
+    e = Entry(path=rel, kind=kind, mode=statmod.S_IMODE(st.st_mode), uid=st.st_uid,
+              gid=st.st_gid, mtime_ns=st.st_mtime_ns, xattrs=read_xattrs(full))
+    if kind == "symlink":
+        target = os.readlink(full)
+        return e._replace(target=target, size=len(target))
+    if kind in ("char", "block"):
+        return e._replace(rdev=st.st_rdev)
+    return e
+
+
 def _read_small(path: bytes, size: int) -> tuple[bytes, bytes] | None:
     """(digest, content) of a file read whole, or None when it is too big to read whole."""
     if size > WHOLE_READ_MAX_BYTES:
@@ -172,14 +185,7 @@ def import_directory(
                 log.warning("skipping socket %s", os.fsdecode(rel))
                 continue
             full = root + rel if rel != b"/" else root
-            xattrs = read_xattrs(full)
-            e = Entry(path=rel, kind=kind, mode=statmod.S_IMODE(st.st_mode), uid=st.st_uid,
-                      gid=st.st_gid, mtime_ns=st.st_mtime_ns, xattrs=xattrs)
-            if kind == "symlink":
-                target = os.readlink(full)
-                e = e._replace(target=target, size=len(target))
-            elif kind in ("char", "block"):
-                e = e._replace(rdev=st.st_rdev)
+            e = entry_from_stat(rel, full, st, kind)
             if kind != "dir" and st.st_nlink > 1:
                 key = (st.st_dev, st.st_ino)
                 first = inodes.get(key)

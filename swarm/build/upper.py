@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import errno
 import os
-import stat as statmod
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from swarm.build.importer import ContentPipeline, read_xattrs, walk
+from swarm.build.importer import ContentPipeline, entry_from_stat, walk
 from swarm.build.progress import Progress
 from swarm.fs.index import Entry, Index, kind_of
 from swarm.store.cas import Batch
@@ -120,13 +119,7 @@ def apply_upper(parent: Index, upper: str | os.PathLike[str], batch: Batch, *,
                 continue
             if kind == "dir" and rel != b"/" and _is_opaque(full):
                 opaque.add(rel)
-            e = Entry(path=rel, kind=kind, mode=statmod.S_IMODE(st.st_mode), uid=st.st_uid,
-                      gid=st.st_gid, mtime_ns=st.st_mtime_ns, xattrs=read_xattrs(full))
-            if kind == "symlink":
-                target = os.readlink(full)
-                e = e._replace(target=target, size=len(target))
-            elif kind in ("char", "block"):
-                e = e._replace(rdev=st.st_rdev)
+            e = entry_from_stat(rel, full, st, kind)
             if kind != "dir" and st.st_nlink > 1:
                 first = inodes.setdefault((st.st_dev, st.st_ino), rel)
                 if first != rel:
