@@ -473,3 +473,22 @@ def test_connection_loss_fails_pending_requests(quick_timing):
             assert new is not conn
 
     run(go)
+
+
+def test_channel_is_the_ietf_chacha20_poly1305_construction():
+    """The channel seals with OpenSSL; its bytes are exactly libsodium's IETF
+    ChaCha20-Poly1305 (counter as additional data, zero-padded counter as nonce)."""
+    import os as _os
+
+    import nacl.bindings as sodium
+
+    from swarm.net import frames as _frames
+    from swarm.net.secure import SecureChannel
+
+    k1, k2 = _os.urandom(32), _os.urandom(32)
+    a, b = SecureChannel(k1, k2), SecureChannel(k2, k1)
+    body = a.seal(b"payload")
+    ctr = _frames.COUNTER.pack(0)
+    assert body == ctr + sodium.crypto_aead_chacha20poly1305_ietf_encrypt(
+        b"payload", ctr, b"\0\0\0\0" + ctr, k1)
+    assert b.open(body) == b"payload"

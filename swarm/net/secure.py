@@ -28,6 +28,8 @@ from pathlib import Path
 
 import nacl.bindings as sodium
 import nacl.hash
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from nacl.encoding import RawEncoder
 from nacl.public import PrivateKey
 
@@ -141,8 +143,11 @@ class SecureChannel:
     can be fed straight into :meth:`open`."""
 
     def __init__(self, send_key: bytes, recv_key: bytes) -> None:
-        self._send_key = send_key
-        self._recv_key = recv_key
+        # The IETF ChaCha20-Poly1305 construction, through OpenSSL: the same bytes on the
+        # wire as libsodium's, at ~2.3 GB/s here against libsodium's ~0.57 GB/s (measured
+        # on 4 MiB frames), which capped peer blob throughput.
+        self._send = ChaCha20Poly1305(send_key)
+        self._recv = ChaCha20Poly1305(recv_key)
         self.sent = 0  # counter of the next frame sent
         self.received = 0  # counter the next frame must carry
 
@@ -152,8 +157,7 @@ class SecureChannel:
 
     def seal(self, plain: bytes) -> bytes:
         ctr = frames.COUNTER.pack(self.sent)
-        ct = sodium.crypto_aead_chacha20poly1305_ietf_encrypt(
-            plain, ctr, self._nonce(self.sent), self._send_key)
+        ct = self._send.encrypt(self._nonce(self.sent), plain, ctr)
         self.sent += 1
         return ctr + ct
 
@@ -168,13 +172,12 @@ class SecureChannel:
         if ctr > self.received:
             raise ProtocolError(f"reordered frame (counter {ctr}, expected {self.received})")
         try:
-            plain = sodium.crypto_aead_chacha20poly1305_ietf_decrypt(
-                body[frames.COUNTER.size:], body[:frames.COUNTER.size], self._nonce(ctr),
-                self._recv_key)
-        except Exception:  # nacl's CryptoError: forged, or not for this session
+            plain = self._recv.decrypt(self._nonce(ctr), body[frames.COUNTER.size:],
+                                       body[:frames.COUNTER.size])
+        except InvalidTag:  # forged, or not for this session
             raise ProtocolError("frame fails authentication") from None
         self.received += 1
-        return bytes(plain)
+        return plain
 
 
 @dataclass
