@@ -308,7 +308,7 @@ class Store:
                     self._count(b"misses")
                     raise BlobMissing(to_hex(digest))
                 man = Manifest.decode(raw)
-                parts = [self._leaf_in(txn, c) for c in man.chunks]
+                parts = [bytes(self._leaf_in(txn, c)) for c in man.chunks]
         if parts is not None:
             data = b"".join(parts)
             if self.verify_on_read and digest not in self._verified:
@@ -358,13 +358,7 @@ class Store:
             raise BlobMissing(to_hex(digest))
         out = []
         for _, chunk, start, stop in Manifest.decode(raw).chunk_range(offset, length):
-            leaf = txn.get(chunk, db=self.db["blobs"])
-            if leaf is None:
-                self._count(b"misses")
-                raise BlobMissing(to_hex(chunk))
-            self._check(chunk, leaf)
-            self._touch(chunk, hit=False)
-            out.append(bytes(leaf[start:stop]))
+            out.append(bytes(self._leaf_in(txn, chunk)[start:stop]))
         return b"".join(out)
 
     def iter_content(self, digest: bytes) -> Iterator[bytes]:
@@ -382,14 +376,16 @@ class Store:
         if h is not None and h.digest() != digest:
             raise CorruptBlob(to_hex(digest), to_hex(h.digest()))
 
-    def _leaf_in(self, txn: lmdb.Transaction, digest: bytes) -> bytes:
+    def _leaf_in(self, txn: lmdb.Transaction, digest: bytes) -> memoryview:
+        """A chunk of a chunked file, checked and its use recorded; a view valid inside
+        ``txn`` (callers copy only the part they need)."""
         leaf = txn.get(digest, db=self.db["blobs"])
         if leaf is None:
             self._count(b"misses")
             raise BlobMissing(to_hex(digest))
         self._check(digest, leaf)
         self._touch(digest, hit=False)
-        return bytes(leaf)
+        return memoryview(leaf)
 
     def _check(self, digest: bytes, data: bytes | memoryview) -> None:
         if not self.verify_on_read or digest in self._verified:
