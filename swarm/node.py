@@ -101,6 +101,7 @@ class RunOptions:
     init: bool = False
     hostname: str | None = None
     binds: Sequence[BindMount] = ()
+    tmpfs_tmp: bool = True  # False for build steps: what RUN writes to /tmp stays, as in docker
 
 
 class Engine:
@@ -188,6 +189,7 @@ class Engine:
                     memory_bytes=opts.memory_bytes, network=opts.network, stdin=opts.stdin,
                     entrypoint=list(opts.entrypoint) if opts.entrypoint is not None else None,
                     init=opts.init, hostname=opts.hostname, binds=list(opts.binds),
+                    tmpfs_tmp=opts.tmpfs_tmp,
                     labels={LABEL_IMAGE: image_ref, LABEL_IMAGE_ID: to_hex(image_id),
                             LABEL_COMMAND: shlex.join(opts.args) if opts.args else "",
                             LABEL_CREATED: str(time.time())})

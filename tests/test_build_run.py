@@ -164,6 +164,20 @@ RUN rm -rf /usr/share/doc
     assert out == "n\nend\n"
 
 
+def test_files_a_step_writes_to_tmp_stay_for_later_steps(state, tmp_path):
+    # docker build has no tmpfs on /tmp: what one RUN leaves there, the next one sees
+    ctx = write(tmp_path, {"Dockerfile": """\
+FROM debian_slim
+RUN echo fetched > /tmp/download
+RUN cp /tmp/download /opt/installed
+"""})
+    res = build(state, ctx, names=["tmpkeep"])
+    with Store(state / "store") as s:
+        paths = {e.path for e in images.load_index(s, res.image_id)}
+    assert b"/tmp/download" in paths and b"/opt/installed" in paths
+    assert sh(state, "tmpkeep", "cat /opt/installed; ls /tmp") == "fetched\n"  # run: tmpfs
+
+
 def test_layer_cache_hits_start_nothing_and_changes_rebuild_what_follows(state, tmp_path):
     files = {"Dockerfile": "FROM debian_slim\nRUN echo one > /one\nCOPY f.txt /f.txt\n"
                            "RUN cat /f.txt > /two\n", "f.txt": "v1\n"}

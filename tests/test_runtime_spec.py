@@ -357,6 +357,11 @@ def test_mounts(rootfs: Path) -> None:
     assert dests.index("/dev") < dests.index("/dev/pts") < dests.index("/dev/shm")
 
 
+def test_build_steps_keep_tmp_in_the_rootfs(rootfs: Path) -> None:
+    dests = [m["destination"] for m in config(rootfs, tmpfs_tmp=False)["mounts"]]
+    assert "/tmp" not in dests and "/dev/shm" in dests
+
+
 def test_linux_defaults(rootfs: Path) -> None:
     cfg = config(rootfs, labels={"app": "x"}, hostname="h1", readonly_rootfs=True)
     assert cfg["ociVersion"] == "1.0.2"

@@ -249,7 +249,7 @@ class Builder:
         from swarm.node import RunOptions
 
         opts = RunOptions(args=(), entrypoint=argv, env=dict(env),
-                          network="none" if network == "none" else "host")
+                          network="none" if network == "none" else "host", tmpfs_tmp=False)
         t0 = time.monotonic()
         beat = asyncio.create_task(self._heartbeat(label, t0))
         try:

@@ -170,6 +170,7 @@ class ContainerSpec:
     labels: dict[str, str] = field(default_factory=dict)
     entrypoint: list[str] | None = None
     init: bool = False
+    tmpfs_tmp: bool = True  # a fresh tmpfs on /tmp; build steps keep /tmp in the image
 
     def __post_init__(self) -> None:
         if self.network not in ("host", "none"):
@@ -445,7 +446,8 @@ def _mount(dest: str, mtype: str, source: str, options: Sequence[str]) -> dict[s
 
 
 def build_mounts(spec: ContainerSpec, init_binary: Path | None = None) -> list[dict[str, Any]]:
-    """docker's default mounts, plus /tmp, the /etc support files and the user's binds."""
+    """docker's default mounts, plus a tmpfs /tmp (unless ``spec.tmpfs_tmp`` is off), the
+    /etc support files and the user's binds."""
     mounts = [
         _mount("/proc", "proc", "proc", ["nosuid", "noexec", "nodev"]),
         _mount("/dev", "tmpfs", "tmpfs",
@@ -458,8 +460,9 @@ def build_mounts(spec: ContainerSpec, init_binary: Path | None = None) -> list[d
         _mount("/dev/mqueue", "mqueue", "mqueue", ["nosuid", "noexec", "nodev"]),
         _mount("/dev/shm", "tmpfs", "shm",
                ["nosuid", "noexec", "nodev", "mode=1777", f"size={SHM_SIZE_BYTES}"]),
-        _mount("/tmp", "tmpfs", "tmpfs", ["nosuid", "nodev", "mode=1777"]),
     ]
+    if spec.tmpfs_tmp:
+        mounts.append(_mount("/tmp", "tmpfs", "tmpfs", ["nosuid", "nodev", "mode=1777"]))
     # docker makes these writable unless the whole rootfs is read-only.
     support_opts = ["rbind", "rprivate"] + (["ro"] if spec.readonly_rootfs else [])
     for dest, name in (("/etc/resolv.conf", RESOLV_CONF_FILE),
