@@ -332,12 +332,11 @@ def run(obj: Context, rm: bool, interactive: bool, env: tuple[str, ...], workdir
         entrypoint=[entrypoint] if entrypoint is not None else None, init=init,
         hostname=hostname, binds=[BindMount.parse(v) for v in volumes])
     sources = [p for p in os.environ.get("SWARM_BLOB_SOURCES", "").split(":") if p]
-    if not interactive:  # a running node runs it (stdin is not forwarded: -i runs here)
-        from swarm.cli_node import remote_run
+    from swarm.cli_node import remote_run
 
-        remote = remote_run(obj.state_dir, image_ref, opts)
-        if remote is not None:
-            sys.exit(remote)
+    remote = remote_run(obj.state_dir, image_ref, opts)  # a running node runs it
+    if remote is not None:
+        sys.exit(remote)
 
     async def go() -> int:
         async with Engine(obj.state_dir, source=sources[0] if sources else None,

@@ -9,16 +9,20 @@ background); it prints ``ready`` on stdout once its sockets answer.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import click
 
-from swarm.errors import NodeNotRunning
+from swarm.errors import NodeNotRunning, PeerError
+from swarm.net.frames import STREAM_STDIN
 
 EXIT_SIGNAL_BASE = 128
 
@@ -132,6 +136,41 @@ def remote_ps(state_dir: Path) -> list[dict[str, Any]] | None:
     return result
 
 
+STDIN_CHUNK_BYTES = 64 << 10
+# Stdin chunks sent but not yet handed to the container (the node's credits pace us).
+STDIN_WINDOW_CHUNKS = 4
+
+
+def _pump_stdin(loop: asyncio.AbstractEventLoop, conn: Any, req_id: int,
+                credits: threading.Semaphore) -> None:
+    """Send this process's stdin to call ``req_id`` as STDIN DATA frames, then an empty one
+    for end of file. A thread: stdin may be a terminal, a pipe or a regular file, and a
+    blocking read is the one way to read them all. Each chunk takes a credit, which the
+    node returns once the container has it, so a container that reads slowly (or never)
+    holds the reading back and the connection stays free for a CANCEL."""
+    async def send(chunk: bytes) -> None:
+        conn.send_data(req_id, STREAM_STDIN, chunk)
+        await conn.drain()
+
+    try:
+        fd: int | None = sys.stdin.fileno()
+    except (AttributeError, ValueError, OSError):
+        fd = None  # no stdin at all: end of file at once
+    while True:
+        try:
+            chunk = os.read(fd, STDIN_CHUNK_BYTES) if fd is not None else b""
+        except OSError:
+            chunk = b""
+        if chunk:
+            credits.acquire()
+        try:
+            asyncio.run_coroutine_threadsafe(send(chunk), loop).result()
+        except (PeerError, RuntimeError, concurrent.futures.CancelledError):
+            return  # the call or the loop is over
+        if not chunk:
+            return
+
+
 def remote_run(state_dir: Path, image_ref: str, opts: Any) -> int | None:
     """``swarm run`` through the running node: the container's stdout and stderr stream
     back here, SIGINT/SIGTERM stop it there. Returns its exit code, or None when no node
@@ -148,17 +187,27 @@ def remote_run(state_dir: Path, image_ref: str, opts: Any) -> int | None:
         except NodeNotRunning:
             return None
         outs = {1: sys.stdout.buffer, 2: sys.stderr.buffer}
+        credits = threading.Semaphore(STDIN_WINDOW_CHUNKS)
 
         def on_data(stream: int, chunk: bytes) -> None:
+            if stream == STREAM_STDIN:
+                credits.release()
+                return
             out = outs.get(stream)
             if out is not None and chunk:
                 out.write(chunk)
                 out.flush()
 
         loop = asyncio.get_running_loop()
+
+        def on_start(req_id: int) -> None:
+            if opts.stdin:  # -i: our stdin goes to the container, end of file included
+                threading.Thread(target=_pump_stdin, args=(loop, conn, req_id, credits),
+                                 name="stdin", daemon=True).start()
+
         task = asyncio.ensure_future(conn.request(
             "run", {"image": image_ref, "opts": run_options_to_wire(opts)}, timeout_s=None,
-            on_data=on_data))
+            on_data=on_data, on_start=on_start))
         got: list[int] = []
 
         def on_signal(sig: int) -> None:

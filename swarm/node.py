@@ -152,6 +152,7 @@ class Engine:
         await self._stack.aclose()
 
     async def async_run(self, image_ref: str, opts: RunOptions, *,
+                        stdin: IO[bytes] | int | None = None,
                         stdout: IO[bytes] | int | None = None,
                         stderr: IO[bytes] | int | None = None,
                         container_id: str | None = None,
@@ -162,6 +163,8 @@ class Engine:
         ``keep_upper``: after the container exits and its overlay is unmounted, move the
         overlay's upper directory (the container's changes) there instead of deleting it;
         a build step indexes it as a layer. It must be on the engine's filesystem.
+        ``stdin`` reaches the container only with ``opts.stdin`` (docker's ``-i``); without
+        it the container reads /dev/null.
         """
         image_id = images.resolve(self.store, image_ref)
         index = images.load_index(self.store, image_id)
@@ -194,8 +197,8 @@ class Engine:
                             LABEL_COMMAND: shlex.join(opts.args) if opts.args else "",
                             LABEL_CREATED: str(time.time())})
                 return await self.runc.async_run(
-                    spec, index.config, container_id=container_id, stdout=stdout,
-                    stderr=stderr, forward_signals=forward_signals)
+                    spec, index.config, container_id=container_id, stdin=stdin,
+                    stdout=stdout, stderr=stderr, forward_signals=forward_signals)
             finally:
                 ov.unmount()
                 if keep_upper is not None:

@@ -513,16 +513,29 @@ class Node:
             raise UsageError("run needs image")
         opts = run_options_from_wire(call.args.get("opts") or {})
         await self.ensure_image(ref)
+        log.info("run %s%s: %s", ref, " (stdin attached)" if opts.stdin else "",
+                 " ".join(opts.args)[:200])
         loop = asyncio.get_running_loop()
         pipes = [os.pipe(), os.pipe()]
         readers: list[asyncio.Task[None]] = []
+        stdin_r: int | None = None
+        feeder: asyncio.Task[None] | None = None
         try:
             for stream, (r, _w) in zip((frames.STREAM_STDOUT, frames.STREAM_STDERR), pipes,
                                        strict=True):
                 readers.append(asyncio.create_task(_forward(loop, call, r, stream)))
-            code = await self.engine.async_run(ref, opts, stdout=pipes[0][1],
+            if opts.stdin:
+                stdin_r, stdin_w = os.pipe()
+                feeder = asyncio.create_task(_feed_stdin(call, stdin_w))
+            code = await self.engine.async_run(ref, opts, stdin=stdin_r, stdout=pipes[0][1],
                                                stderr=pipes[1][1])
         finally:
+            if stdin_r is not None:
+                os.close(stdin_r)  # the last read end: a write still blocked gets EPIPE
+            if feeder is not None:
+                feeder.cancel()
+                with contextlib.suppress(BaseException):
+                    await feeder
             for _r, w in pipes:
                 os.close(w)  # the container is gone: the readers now see end of file
             for t in readers:
@@ -554,9 +567,46 @@ async def _forward(loop: asyncio.AbstractEventLoop, call: Call, fd: int, stream:
         transport.close()
 
 
+async def _feed_stdin(call: Call, fd: int) -> None:
+    """Copy the caller's STDIN DATA chunks into the container's stdin pipe; an empty chunk
+    is end of input. Owns (closes) ``fd``. Writes block in a thread; each chunk written is
+    answered with a credit (see :mod:`swarm.net.frames`), so a container that reads slowly
+    holds the caller back without filling the call's queue, and one that exits closes the
+    pipe's last read end and the write fails with EPIPE, ending the copy."""
+
+    def write_all(chunk: bytes) -> None:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view):]
+
+    def close_after(f: asyncio.Future[None]) -> None:
+        if not f.cancelled():
+            f.exception()  # retrieved: EPIPE from a container that is gone is expected
+        os.close(fd)
+
+    writing: asyncio.Future[None] | None = None
+    try:
+        while True:
+            stream, chunk = await call.incoming.get()
+            if stream != frames.STREAM_STDIN:
+                continue
+            if not chunk:
+                break
+            writing = asyncio.ensure_future(asyncio.to_thread(write_all, chunk))
+            await asyncio.shield(writing)
+            call.send_data(frames.STREAM_STDIN, b"")  # credit: the CLI may send one more
+    except (BrokenPipeError, ConnectionResetError, PeerError):
+        pass  # the container closed its stdin, or the caller went
+    finally:
+        if writing is not None and not writing.done():
+            writing.add_done_callback(close_after)  # the thread still writes to fd
+        else:
+            os.close(fd)
+
+
 # Fields of RunOptions that travel over the local socket (all plain data).
 _WIRE_FIELDS = ("args", "env", "cwd", "user", "cpus", "memory_bytes", "network",
-                "entrypoint", "init", "hostname")
+                "entrypoint", "init", "hostname", "stdin")
 
 
 def run_options_to_wire(opts: RunOptions) -> dict[str, Any]:

@@ -3,13 +3,19 @@ wrong tokens, clean shutdown and restart after SIGKILL."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import signal
+import subprocess
+import sys
+import threading
 
 import pytest
 from nodes import Nodes
 
-from conftest import run_cli
+from conftest import assert_nothing_left, run_cli
 
 
 @pytest.fixture
@@ -86,3 +92,58 @@ def test_swarm_peers_shows_gossip_membership(nodes):
     assert [p["self"] for p in peers if p["addr"] == a.addr] == [True]
     status = json.loads(run_cli(["status", "--json"], state_dir=a.state).stdout)
     assert status["members"]["alive"] == 2
+
+
+@pytest.mark.root
+def test_run_i_through_the_node_forwards_stdin_to_the_container(nodes, debian_rootfs):
+    """`swarm run -i` with a node running: the node runs the container, and the CLI's stdin
+    reaches it (more than a pipe buffer of it, then end of file); a container that never
+    reads its stdin neither hangs nor fails the run."""
+    from swarm.build.importer import import_directory
+    from swarm.store import Store
+
+    a = nodes.start("a", "up")
+    with Store(a.state / "store") as s:
+        import_directory(s, debian_rootfs, ["base:1"])
+    text = "".join(f"line {i} of the input\n" for i in range(150_000))  # ~3.4 MB
+    out = run_cli(["run", "-i", "base:1", "sh", "-c", "md5sum; echo end"], input=text,
+                  state_dir=a.state).stdout
+    assert out == f"{hashlib.md5(text.encode()).hexdigest()}  -\nend\n"
+    run_cli(["run", "-i", "base:1", "sh", "-c", "read x; exit $x"], 7, input="7\n",
+            state_dir=a.state)
+    run_cli(["run", "-i", "base:1", "true"], input=text, state_dir=a.state)
+    # without -i the container reads /dev/null, as with docker
+    assert run_cli(["run", "base:1", "sh", "-c", "wc -c"], input=text,
+                   state_dir=a.state).stdout.strip() == "0"
+    log = (nodes.tmp / "a.log").read_text()
+    assert log.count("(stdin attached)") == 3 and "run base:1: sh -c wc -c" in log
+
+    # Ctrl-C while a container ignores a stdin that never ends: the window of unanswered
+    # chunks keeps the node's connection free, so the CANCEL gets through
+    env = dict(os.environ, SWARM_STATE_DIR=str(a.state))
+    cli = subprocess.Popen([sys.executable, "-m", "swarm.cli", "run", "-i", "base:1",
+                            "sleep", "600"], stdin=subprocess.PIPE, env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert cli.stdin is not None
+
+    def flood() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                cli.stdin.write(b"x" * 65536)
+
+    threading.Thread(target=flood, daemon=True).start()
+    try:
+        for _ in range(100):  # each call is a process start: bounded, no sleep
+            if json.loads(run_cli(["ps", "--json"], state_dir=a.state).stdout):
+                break
+        else:
+            raise AssertionError("the container never showed in swarm ps")
+        cli.send_signal(signal.SIGINT)
+        assert cli.wait(60) == 130, cli.stderr.read() if cli.stderr else ""
+    finally:
+        cli.kill()
+        cli.wait()
+    assert json.loads(run_cli(["ps", "--json"], state_dir=a.state).stdout) == []
+    a.proc.send_signal(signal.SIGTERM)
+    assert a.proc.wait(60) == 0
+    assert_nothing_left(a.state)

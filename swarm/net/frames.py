@@ -47,7 +47,13 @@ Messages (msgpack arrays; the first element is the type)
                                           receiver cancels the handler (no reply)
 ``DATA``     ``[5, id, stream, bytes]``   a chunk of a byte stream belonging to request id:
                                           stream 1 stdout, 2 stderr (node -> CLI), 0 stdin
-                                          (CLI -> node); empty bytes end the stream
+                                          (CLI -> node); empty bytes end the stream.
+                                          Stdin is credit-paced: the node answers each
+                                          chunk it has handed to the container with an
+                                          empty stream-0 DATA, and the CLI keeps at most
+                                          a few chunks unanswered, so a container that
+                                          does not read never stalls the connection
+                                          (its CANCEL still gets through)
 
 Methods a member serves to authenticated members (:mod:`swarm.net.blobs`):
 ``ping`` {} -> "pong" · ``join`` {addr} -> {members, node} · ``members`` {} -> {members} ·
