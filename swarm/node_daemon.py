@@ -45,7 +45,7 @@ from swarm.errors import (
 )
 from swarm.fs import images
 from swarm.fs.source import Fetcher
-from swarm.gossip.service import GossipService
+from swarm.gossip.service import GossipPeerSource, GossipService
 from swarm.gossip.state import StateSampler
 from swarm.net import frames
 from swarm.net.blobs import BlobService, PeerSource
@@ -176,7 +176,9 @@ class BlobProxy:
             # from the store as on the main listener
             transport = Transport(node.cluster, node.key, node.service.handlers())
             stack.push_async_callback(transport.aclose)
-            self.source = PeerSource(transport, lambda: node.member_list)
+            # warm peers first: gossip's blob filters and warmth rank the members
+            self.source = GossipPeerSource(node.gossip, transport,
+                                           members=lambda: node.member_list)
             self.fetcher = Fetcher(node.engine.store, self.source)
             await _serve_unix(stack, self.socket, {"blob.get": self.blob_get,
                                                    "blob.manifest": self.blob_manifest})

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from swarm.gossip.service import GossipService
+from swarm.gossip.service import GossipPeerSource, GossipService
 from swarm.gossip.state import StateSampler
 from swarm.gossip.swim import Status
 from swarm.gossip.timing import Timing
@@ -104,6 +104,13 @@ def test_sync_carries_blob_filters(tmp_path) -> None:  # type: ignore[no-untyped
                 assert d in a.blooms[b.name]
                 assert a.rank(d, ["127.0.0.1:1", b.addr]) == [b.addr, "127.0.0.1:1"]
                 assert a.rank(hash_bytes(b"nobody"), [b.addr]) == [b.addr]
+                # the source a node's blob proxy fetches through asks the holder first,
+                # whichever member the digest's rotation would have started at
+                for order in (("127.0.0.1:1", b.addr), (b.addr, "127.0.0.1:1")):
+                    src = GossipPeerSource(a, a.transport, members=lambda o=order: o)
+                    assert src.candidates(d)[0] == b.addr
+                    src.suspect(b.addr, "a test")  # a suspect holder is not asked at all
+                    assert src.candidates(d) == ["127.0.0.1:1"]
 
     asyncio.run(main())
 

@@ -28,7 +28,7 @@ from swarm.gossip import state as node_state
 from swarm.gossip.codec import DatagramCodec, gossip_key
 from swarm.gossip.swim import Member, Status, Swim
 from swarm.gossip.timing import Timing
-from swarm.net.blobs import PeerSource
+from swarm.net.blobs import Dialer, PeerSource
 from swarm.net.rpc import Call, Handler
 from swarm.net.secure import ClusterKey, NodeKey
 from swarm.net.transport import Transport, format_addr, parse_addr
@@ -333,11 +333,14 @@ class GossipService:
 
 
 class GossipPeerSource(PeerSource):
-    """A :class:`PeerSource` whose members come from gossip (alive and suspect ones) and
-    are asked warm-first: peers whose blob filter holds the digest before the others."""
+    """A :class:`PeerSource` that asks warm peers first: those whose blob filter holds the
+    digest, then the warmest and least loaded (:func:`rank_peers`). Its members come from
+    gossip (alive and suspect ones), or from ``members`` when given: the node's blob
+    proxy, on another thread, passes the member tuple the main loop keeps current."""
 
-    def __init__(self, gossip: GossipService, transport: Transport, **kw: Any) -> None:
-        super().__init__(transport, gossip.alive_addrs, **kw)
+    def __init__(self, gossip: GossipService, transport: Dialer,
+                 members: Callable[[], Sequence[str]] | None = None, **kw: Any) -> None:
+        super().__init__(transport, members or gossip.alive_addrs, **kw)
         self.gossip = gossip
 
     def candidates(self, digest: bytes) -> list[str]:
