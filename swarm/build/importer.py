@@ -3,9 +3,9 @@ OCI layout, ``docker save``) through ``swarm.build.layers`` / ``swarm.build.oci`
 
 A directory import is one pass over the tree: ``lstat`` every entry, read xattrs, stream
 every regular file into the store once per inode (hard links share the digest), then
-register the index. Files are read and hashed by a small thread pool while the writer
-thread appends to LMDB, so reading, hashing (blake3 releases the GIL) and LMDB writes
-overlap.
+register the index. The walking thread reads and hashes files while a writer thread
+appends them to LMDB (``ContentPipeline``), so both cores stay busy: LMDB and blake3
+release the GIL while they copy, hash and commit.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import queue
 import stat as statmod
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -34,10 +35,13 @@ K = TypeVar("K")
 
 # xattrs that describe how a tree is stored, not what it is (overlayfs bookkeeping).
 SKIP_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
-READ_THREADS = 4
-# Files up to this size are read whole by a worker and handed over as bytes; larger ones
-# are streamed chunk by chunk by the writer thread so memory stays bounded.
+# Files up to this size are read whole and handed to the writer as bytes; larger ones are
+# streamed chunk by chunk by the writer thread so memory stays bounded.
 WHOLE_READ_MAX_BYTES = 4 << 20
+# Files go to the writer in groups of up to this many files or bytes (one queue hand-over
+# each); at most PIPELINE_DEPTH groups wait for it (memory stays bounded).
+GROUP_FILES = 32
+GROUP_BYTES = 1 << 20
 PIPELINE_DEPTH = 64
 
 
@@ -96,8 +100,9 @@ def _read_small(path: bytes, size: int) -> tuple[bytes, bytes] | None:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         data = os.read(fd, size + 1)
-        while len(data) <= size:
-            more = os.read(fd, size + 1 - len(data))
+        # a short read of a regular file is its end; a full one means it grew: read on
+        while len(data) == size + 1 and len(data) <= WHOLE_READ_MAX_BYTES:
+            more = os.read(fd, WHOLE_READ_MAX_BYTES + 1 - len(data))
             if not more:
                 break
             data += more
@@ -108,50 +113,142 @@ def _read_small(path: bytes, size: int) -> tuple[bytes, bytes] | None:
     return hash_bytes(data), data
 
 
+# One group handed to the writer: (caller's key, path, (digest, content) or None to stream).
+_Group = list[tuple[K, bytes, "tuple[bytes, bytes] | None"]]
+_BARRIER: list[Any] = []  # queued by drain: the writer reports, then commits
+
+
 class ContentPipeline(Generic[K]):
-    """Files read and hashed on a thread pool while the calling thread appends them to the
-    store, in submission order: reading, hashing (blake3 releases the GIL) and LMDB writes
-    overlap. ``on_stored(key, digest, size)`` runs on the calling thread for each file."""
+    """Store many files through ``batch`` with both cores busy.
+
+    The calling thread walks, reads and hashes small files (``submit``); one writer thread
+    owns the batch's LMDB write transaction and appends them, in groups, while the caller
+    goes on (LMDB releases the GIL while it copies and commits). Files too big to read whole
+    are streamed by the writer. ``on_stored(key, digest, size)`` runs on the calling thread,
+    from ``submit`` and ``drain``.
+
+    While the pipeline is open only its writer uses ``batch`` (an LMDB write transaction
+    belongs to one thread): a transaction the caller had open is committed on entry. After
+    ``drain`` every file is stored and reported, and the writer commits in the background;
+    leaving the ``with`` block waits for that commit (and raises the writer's error, if any).
+    """
 
     def __init__(self, batch: Batch, on_stored: Callable[[K, bytes, int], None],
                  progress: Progress | None = None) -> None:
         self.batch = batch
         self.on_stored = on_stored
         self.progress = progress
-        self._pool = ThreadPoolExecutor(READ_THREADS)
-        self._pending: deque[tuple[K, Future[tuple[bytes, bytes] | None], bytes]] = deque()
+        self._group: _Group[K] = []
+        self._group_bytes = 0
+        self._queue: queue.Queue[_Group[K] | None] = queue.Queue(PIPELINE_DEPTH)
+        self._done: deque[tuple[K, bytes, int]] = deque()
+        self._reached = threading.Event()  # the writer got to a drain's barrier
+        self._error: BaseException | None = None
+        self._writer: threading.Thread | None = None
 
     def __enter__(self) -> ContentPipeline[K]:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        ok = exc[0] is None
         try:
-            if exc[0] is None:
+            if ok:
                 self.drain()
         finally:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._stop(raise_error=ok)
 
     def submit(self, key: K, path: bytes, size: int) -> None:
-        self._pending.append((key, self._pool.submit(_read_small, path, size), path))
-        self._settle(PIPELINE_DEPTH)
+        self._group.append((key, path, _read_small(path, size)))
+        self._group_bytes += size
+        if len(self._group) >= GROUP_FILES or self._group_bytes >= GROUP_BYTES:
+            self._hand_over()
+            self._deliver()
 
     def drain(self) -> None:
-        """Store every file submitted so far."""
-        self._settle(0)
+        """Store every file submitted so far and report each to ``on_stored``. The writer
+        commits them in the background (see the class docstring)."""
+        self._hand_over()
+        if self._writer is not None:
+            self._reached.clear()
+            self._put(_BARRIER)
+            self._reached.wait()
+            self._raise_if_failed()
+        self._deliver()
 
-    def _settle(self, limit: int) -> None:
-        while len(self._pending) > limit:
-            key, fut, path = self._pending.popleft()
-            got = fut.result()
-            if got is None:  # too big to read whole: stream it chunk by chunk
-                digest, size = self.batch.put_file(path)
-            else:
-                digest, data = got
-                self.batch.put_digest(digest, data)
-                size = len(data)
+    def _hand_over(self) -> None:
+        if not self._group:
+            return
+        group, self._group, self._group_bytes = self._group, [], 0
+        if self._writer is None:
+            self.batch.commit()  # the writer thread opens its own transaction
+            self._writer = threading.Thread(target=self._write_loop, name="swarm-store-writer",
+                                            daemon=True)
+            self._writer.start()
+        self._put(group)
+
+    def _put(self, item: _Group[K]) -> None:
+        self._raise_if_failed()
+        self._queue.put(item)
+
+    def _stop(self, *, raise_error: bool) -> None:
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        if self._error is None and not raise_error:
+            self._error = _Aborted()  # the caller failed: drop what is not yet committed
+        self._queue.put(None)
+        writer.join()
+        if raise_error:
+            self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        err = self._error
+        if err is not None and not isinstance(err, _Aborted):
+            self._error = _Aborted()  # raised once
+            raise err
+
+    def _deliver(self) -> None:
+        done = self._done
+        while done:
+            key, digest, size = done.popleft()
             self.on_stored(key, digest, size)
             if self.progress is not None:
                 self.progress.advance(files=1, nbytes=size)
+
+    def _write_loop(self) -> None:
+        batch = self.batch
+        stopped = False
+        try:
+            while (group := self._queue.get()) is not None:
+                if self._error is not None:
+                    raise self._error
+                if group is _BARRIER:
+                    self._reached.set()
+                    batch.commit()
+                    continue
+                for key, path, got in group:
+                    if got is None:  # too big to read whole: stream it chunk by chunk
+                        digest, size = batch.put_file(path)
+                    else:
+                        digest, data = got
+                        batch.put_digest(digest, data)
+                        size = len(data)
+                    self._done.append((key, digest, size))
+            stopped = True
+            if self._error is not None:
+                raise self._error  # the caller failed: what is not committed is dropped
+            batch.commit()
+        except BaseException as err:  # handed to the calling thread
+            batch.abort()
+            if self._error is None:
+                self._error = err
+            self._reached.set()
+            while not stopped:  # keep taking work so the submitter never blocks
+                stopped = self._queue.get() is None
+
+
+class _Aborted(Exception):
+    """The pipeline was closed on an error: the writer drops what is left."""
 
 
 def import_directory(
@@ -208,12 +305,12 @@ def import_directory(
             elif i in links:
                 e = e._replace(link=links[i])
             final.append(e)
-        new_bytes = batch.new_bytes
-
-    index = Index(_renumber_links(final), config)
+        # built and encoded while the writer commits the last files
+        index = Index(_renumber_links(final), config)
+        index.encode()
     return images.register(store, index, list(names),
                            source=source_label or f"dir:{os.fsdecode(root)}",
-                           new_bytes=new_bytes)
+                           new_bytes=batch.new_bytes)
 
 
 def _renumber_links(entries: list[Entry]) -> list[Entry]:
