@@ -219,14 +219,23 @@ class BlobProxy:
         log.info("image %s (%s) fetched through peers", ref, to_hex(image_id)[:12])
         return image_id
 
-    async def blob_get(self, call: Call) -> bytes:
-        """A leaf for a mount daemon: local if held, else from peers, verified."""
+    async def blob_get(self, call: Call) -> bytes | bytearray | None:
+        """A leaf for a mount daemon: local if held (sent straight from the store's map),
+        else from peers, verified. ``call`` must be a call on this proxy's loop."""
         digest = call.args.get("digest")
         if not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE:
             raise UsageError("digest must be 32 bytes")
         if self.node.engine.store.manifest(digest) is None:
             with contextlib.suppress(BlobMissing):
-                return await self.node.service.blob_get(call)
+                await self.node.service.blob_get(call)
+                return None
+        return await self.source.fetch(digest)
+
+    async def leaf(self, digest: bytes) -> bytes | bytearray:
+        """A leaf for a caller on another loop: a copy from the store, else from peers."""
+        if self.node.engine.store.manifest(digest) is None:
+            with contextlib.suppress(BlobMissing):
+                return self.node.engine.store.get(digest)
         return await self.source.fetch(digest)
 
     async def blob_manifest(self, call: Call) -> bytes | None:
@@ -506,7 +515,10 @@ class Node:
     async def _proxied(self, call: Call) -> Any:
         """Blob requests on the main socket are answered by the proxy loop too."""
         if call.method == "blob.get":
-            return await self.proxy.call(self.proxy.blob_get(call))
+            digest = call.args.get("digest")
+            if not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE:
+                raise UsageError("digest must be 32 bytes")
+            return await self.proxy.call(self.proxy.leaf(digest))
         return await self.proxy.call(self.proxy.blob_manifest(call))
 
     async def _run(self, call: Call) -> dict[str, Any]:

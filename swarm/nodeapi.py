@@ -88,9 +88,9 @@ class SocketSource(BlobSource):
         except (PeerError, NodeNotRunning) as err:
             raise BlobMissing(to_hex(digest), f"{self.name} ({err})") from None
 
-    async def fetch(self, digest: bytes) -> bytes:
+    async def fetch(self, digest: bytes) -> bytes | bytearray:
         data = await self._request("blob.get", digest)
-        if not isinstance(data, bytes):
+        if not isinstance(data, bytes | bytearray):
             raise BlobMissing(to_hex(digest), self.name)
         self.fetches += 1
         self.fetched_bytes += len(data)

@@ -27,8 +27,16 @@ from swarm.errors import (
 from swarm.fs.source import Fetcher
 from swarm.net import frames
 from swarm.net.blobs import BlobService, PeerSource
-from swarm.net.rpc import Call, Connection
-from swarm.net.secure import ClusterKey, NodeKey, SecureChannel
+from swarm.net.rpc import Call, Connection, FrameProtocol
+from swarm.net.secure import (
+    AES_256_GCM,
+    CHACHA20_POLY1305,
+    ClusterKey,
+    NodeKey,
+    SecureChannel,
+    choose_cipher,
+    local_ciphers,
+)
 from swarm.net.transport import Transport, parse_addr
 from swarm.store import Store
 
@@ -492,3 +500,372 @@ def test_channel_is_the_ietf_chacha20_poly1305_construction():
     assert body == ctr + sodium.crypto_aead_chacha20poly1305_ietf_encrypt(
         b"payload", ctr, b"\0\0\0\0" + ctr, k1)
     assert b.open(body) == b"payload"
+
+
+# ---------------------------------------------------------------------------- ciphers
+CIPHERS = [CHACHA20_POLY1305, AES_256_GCM]
+
+
+@pytest.mark.parametrize("cipher", CIPHERS)
+def test_every_cipher_rejects_replay_reorder_forgery(cipher):
+    a, b = bytes(range(32)), bytes(range(1, 33))
+    tx, rx = SecureChannel(a, b, cipher), SecureChannel(b, a, cipher)
+    big = bytes(range(256)) * 1024  # 256 KiB: opened into its own buffer
+    f0, f1, f2 = tx.seal(b"zero"), tx.seal_frame(big), tx.seal(b"two")
+    assert f1[:4] == struct.pack(">I", len(f1) - 4)
+    assert rx.open(f0) == b"zero"
+    with pytest.raises(ProtocolError, match="replayed"):
+        rx.open(f0)
+    with pytest.raises(ProtocolError, match="reordered"):
+        rx.open(f2)
+    body = bytearray(f1[4:])
+    body[100] ^= 1  # one flipped bit in a large frame
+    with pytest.raises(ProtocolError, match="authentication"):
+        rx.open(body)
+    body[100] ^= 1
+    body[7] ^= 1  # the counter is associated data: changing it is caught too
+    with pytest.raises(ProtocolError):
+        rx.open(body)
+    body[7] ^= 1
+    assert rx.open(body) == big
+    assert rx.open(f2) == b"two"
+    # the other cipher under the same keys does not open it
+    other = SecureChannel(b, a, AES_256_GCM if cipher == CHACHA20_POLY1305
+                          else CHACHA20_POLY1305)
+    with pytest.raises(ProtocolError, match="authentication"):
+        other.open(SecureChannel(a, b, cipher).seal(b"x"))
+
+
+def test_aes_channel_is_the_standard_aes_256_gcm_construction():
+    """seal_frame's bytes: the length, then what AES-256-GCM (counter as associated data,
+    zero-padded counter as nonce) gives, as any AES-GCM implementation computes it."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    k1, k2 = bytes(range(32)), bytes(range(32, 64))
+    ch = SecureChannel(k1, k2, AES_256_GCM)
+    ch.sent = 7
+    frame = ch.seal_frame(b"payload")
+    ctr = frames.COUNTER.pack(7)
+    body = ctr + AESGCM(k1).encrypt(b"\0\0\0\0" + ctr, b"payload", ctr)
+    assert bytes(frame) == frames.frame(body)
+    assert ch.sent == 8
+
+
+def test_cipher_choice_and_preferences():
+    assert choose_cipher([AES_256_GCM, CHACHA20_POLY1305],
+                         ["x-future", CHACHA20_POLY1305, AES_256_GCM]) == AES_256_GCM
+    assert choose_cipher([CHACHA20_POLY1305, AES_256_GCM],
+                         [AES_256_GCM, CHACHA20_POLY1305]) == CHACHA20_POLY1305
+    with pytest.raises(ProtocolError, match="no cipher in common"):
+        choose_cipher([AES_256_GCM], [CHACHA20_POLY1305])
+    assert CHACHA20_POLY1305 in local_ciphers()  # every node speaks it
+
+
+def test_cipher_env_override(monkeypatch):
+    monkeypatch.setenv("SWARM_CIPHERS", "chacha20-poly1305")
+    assert local_ciphers() == [CHACHA20_POLY1305]
+    monkeypatch.setenv("SWARM_CIPHERS", "rot13")
+    with pytest.raises(UsageError):
+        local_ciphers()
+
+
+@contextlib.asynccontextmanager
+async def cipher_node(cluster: ClusterKey, handlers: dict[str, Any], ciphers: list[str]
+                      ) -> AsyncIterator[Node]:
+    rejects: list[tuple[str, str]] = []
+    ev = asyncio.Event()
+
+    def on_reject(who: str, why: str) -> None:
+        rejects.append((who, why))
+        ev.set()
+
+    t = Transport(cluster, NodeKey.generate(), handlers, handshake_timeout_s=2.0,
+                  on_reject=on_reject, ciphers=ciphers)
+    try:
+        host, port = await t.listen("127.0.0.1", 0)
+        yield Node(t, f"{host}:{port}", rejects, ev)
+    finally:
+        await t.aclose()
+
+
+@pytest.mark.parametrize(("server", "client", "chosen"), [
+    ([AES_256_GCM, CHACHA20_POLY1305], [AES_256_GCM, CHACHA20_POLY1305], AES_256_GCM),
+    ([AES_256_GCM, CHACHA20_POLY1305], [CHACHA20_POLY1305], CHACHA20_POLY1305),
+    ([CHACHA20_POLY1305, AES_256_GCM], [AES_256_GCM, CHACHA20_POLY1305], CHACHA20_POLY1305),
+    ([AES_256_GCM], [CHACHA20_POLY1305], None),
+])
+def test_handshake_negotiates_the_cipher(server, client, chosen):
+    async def echo(call: Call) -> Any:
+        return call.args["x"]
+
+    async def go() -> None:
+        ck = ClusterKey.generate()
+        async with cipher_node(ck, {"echo": echo}, server) as a, \
+                cipher_node(ck, {}, client) as b:
+            if chosen is None:
+                with pytest.raises(AuthFailed):
+                    await b.transport.connect(a.addr)
+                await a.wait_rejects(1)
+                assert "no cipher in common" in a.rejects[0][1]
+                return
+            conn = await b.transport.connect(a.addr)
+            assert conn.channel is not None and conn.channel.cipher == chosen
+            assert await conn.request("echo", {"x": b"hi"}) == b"hi"
+            (served,) = a.transport._accepted
+            assert served.channel is not None and served.channel.cipher == chosen
+
+    run(go)
+
+
+async def _tampering_proxy(target: str, rewrite: Callable[[str, int, bytes], bytes],
+                           tasks: set[asyncio.Task[None]]) -> asyncio.Server:
+    """A TCP proxy to ``target`` that passes each frame through ``rewrite(direction, n,
+    body)`` (direction "c2s" or "s2c", n counting from 1)."""
+    host, port = parse_addr(target)
+
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, direction: str) -> None:
+        n = 0
+        try:
+            while (body := await frames.read_frame(r, frames.MAX_FRAME_BYTES)) is not None:
+                n += 1
+                w.write(frames.frame(rewrite(direction, n, body)))
+                await w.drain()
+        except (ConnectionError, ProtocolError):
+            pass
+        finally:
+            w.close()
+
+    async def on_client(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection(host, port)
+        t1 = asyncio.create_task(pipe(cr, sw, "c2s"))
+        t2 = asyncio.create_task(pipe(sr, cw, "s2c"))
+        tasks.update((t1, t2))
+        await asyncio.gather(t1, t2)
+
+    return await asyncio.start_server(on_client, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("where", ["offer", "choice"])
+def test_a_man_in_the_middle_cannot_steer_the_cipher(where):
+    """Both sides accept both ciphers and prefer AES-GCM. A proxy that strips AES-GCM
+    from the client's offer, or rewrites the server's choice to ChaCha20, is caught by
+    the proofs over the transcript: no connection, nothing served."""
+    calls: list[Any] = []
+
+    async def touch(call: Call) -> Any:
+        calls.append(call.args)
+        return "done"
+
+    def rewrite(direction: str, n: int, body: bytes) -> bytes:
+        obj = msgpack.unpackb(body)
+        if where == "offer" and direction == "c2s" and n == 1:
+            obj[5] = [CHACHA20_POLY1305]
+        elif where == "choice" and direction == "s2c" and n == 1:
+            obj[5] = CHACHA20_POLY1305
+        else:
+            return body
+        return frames.pack(obj)
+
+    async def go() -> None:
+        ck = ClusterKey.generate()
+        both = [AES_256_GCM, CHACHA20_POLY1305]
+        async with cipher_node(ck, {"touch": touch}, both) as a, \
+                cipher_node(ck, {}, both) as b:
+            tasks: set[asyncio.Task[None]] = set()
+            proxy = await _tampering_proxy(a.addr, rewrite, tasks)
+            try:
+                pport = proxy.sockets[0].getsockname()[1]
+                with pytest.raises(AuthFailed, match="failed to prove"):
+                    await b.transport.connect(f"127.0.0.1:{pport}")
+                assert calls == []
+            finally:
+                proxy.close()
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    run(go)
+
+
+# ---------------------------------------------------------------------------- frames in
+def _collect(proto: FrameProtocol) -> list[bytes]:
+    out: list[bytes] = []
+    while proto._frames:
+        out.append(bytes(proto._frames.popleft()))
+    return out
+
+
+@pytest.mark.parametrize("split", [1, 3, 4096, 100_000, 1 << 22])
+def test_frame_protocol_splits_any_byte_stream(split):
+    """Small frames (cut out of the stream buffer) and large ones (received into their
+    own buffer), fed in pieces of any size, come out whole and in order."""
+    import random
+
+    rnd = random.Random(split)
+    bodies = [b"", b"a", bytes(70_000), rnd.randbytes(300_000), b"tail" * 10,
+              rnd.randbytes(5 << 20), rnd.randbytes(65_536), rnd.randbytes(65_537)]
+    stream = b"".join(frames.frame(b) for b in bodies)
+
+    async def go() -> None:
+        proto = FrameProtocol(frames.MAX_FRAME_BYTES)
+        got: list[bytes] = []
+        view = memoryview(stream)
+        while view:
+            buf = proto.get_buffer(-1)
+            n = min(len(buf), split, len(view))
+            buf[:n] = view[:n]
+            view = view[n:]
+            proto.buffer_updated(n)
+            got += _collect(proto)
+        assert got == bodies
+        assert not proto._partial()
+
+    asyncio.run(go())
+
+
+def test_frame_protocol_errors_come_after_the_frames_before_them():
+    async def go() -> None:
+        proto = FrameProtocol(1000)
+        proto._feed(frames.frame(b"ok") + struct.pack(">I", 1001) + b"junk")
+        assert await proto.next_frame() == b"ok"
+        with pytest.raises(ProtocolError, match="exceeds"):
+            await proto.next_frame()
+        proto = FrameProtocol(1 << 20)
+        proto._feed(frames.frame(b"ok") + frames.frame(bytes(200_000))[:1000])
+        proto.connection_lost(None)
+        assert await proto.next_frame() == b"ok"
+        with pytest.raises(ProtocolError, match="inside a frame"):
+            await proto.next_frame()
+        proto = FrameProtocol(1 << 20)
+        proto._feed(frames.frame(b"last"))
+        proto.eof_received()
+        assert await proto.next_frame() == b"last"
+        assert await proto.next_frame() is None
+
+    asyncio.run(go())
+
+
+# ---------------------------------------------------------------------------- BYTES
+@pytest.mark.parametrize("cipher", CIPHERS)
+def test_byte_answers_travel_raw_large_and_small_interleaved(cipher):
+    """Handlers answering bytes, bytearray, a memoryview or reply_bytes (a view valid
+    only during the call), small and up to 6 MiB, many in flight on one connection:
+    every caller gets exactly its bytes."""
+    import random
+
+    rnd = random.Random(5)
+    blobs = {i: rnd.randbytes(rnd.choice([0, 1, 100, 70_000, 1 << 20, 6 << 20]))
+             for i in range(40)}
+
+    async def get(call: Call) -> Any:
+        i = call.args["i"]
+        data = blobs[i]
+        if i % 4 == 0:
+            return data
+        if i % 4 == 1:
+            return bytearray(data)
+        if i % 4 == 2:
+            return memoryview(data)
+        scratch = bytearray(data)
+        call.reply_bytes(scratch)
+        scratch[:] = bytes(len(scratch))  # sealed already: changing it now is harmless
+        return "ignored"
+
+    async def echo(call: Call) -> Any:
+        return {"i": call.args["i"]}
+
+    async def go() -> None:
+        ck = ClusterKey.generate()
+        async with cipher_node(ck, {"get": get, "echo": echo}, [cipher]) as a, \
+                cipher_node(ck, {}, [cipher]) as b:
+            conn = await b.transport.connect(a.addr)
+            reqs = []
+            for i in blobs:
+                reqs.append(conn.request("get", {"i": i}))
+                reqs.append(conn.request("echo", {"i": i}))
+            res = await asyncio.gather(*reqs)
+            for k, i in enumerate(blobs):
+                assert bytes(res[2 * k]) == blobs[i]
+                assert isinstance(res[2 * k], bytes | bytearray)
+                assert res[2 * k + 1] == {"i": i}
+
+    run(go)
+
+
+def test_byte_answers_over_an_unencrypted_socket(tmp_path):
+    """The local API (no channel) carries BYTES the same way."""
+    big = bytes(range(256)) * 20_000
+
+    async def get(call: Call) -> Any:
+        return big if call.args["big"] else b"small"
+
+    async def go() -> None:
+        conns: list[Connection] = []
+
+        async def client(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            conns.append(Connection(r, w, handlers={"get": get}, name="server").start())
+
+        server = await asyncio.start_unix_server(client, str(tmp_path / "s"))
+        r, w = await asyncio.open_unix_connection(str(tmp_path / "s"))
+        conn = Connection(r, w, name="client").start()
+        try:
+            got = await asyncio.gather(*(conn.request("get", {"big": i % 2 == 0})
+                                         for i in range(10)))
+            assert [bytes(g) for g in got] == [big, b"small"] * 5
+        finally:
+            await conn.aclose()
+            for c in conns:
+                await c.aclose()
+            server.close()
+
+    run(go)
+
+
+def test_a_byte_answer_cut_off_fails_the_call(quick_timing):
+    """The server sends BYTES and dies before the body: the caller gets PeerError."""
+
+    async def half(call: Call) -> Any:
+        call.conn._send(frames.bytes_header(call.id))
+        call.conn.writer.transport.abort()
+        await asyncio.Event().wait()
+
+    async def go() -> None:
+        ck = ClusterKey.generate()
+        async with node(ck, {"half": half}, quick_timing) as a, \
+                node(ck, {}, quick_timing) as b:
+            conn = await b.transport.connect(a.addr)
+            with pytest.raises(PeerError):
+                await conn.request("half", timeout_s=5)
+
+    run(go)
+
+
+def test_connection_takes_over_what_the_handshake_reader_had_buffered():
+    """Requests that arrive with the handshake's last frame sit in the StreamReader's
+    buffer when the connection starts: they are served, in order."""
+    import socket
+
+    async def echo(call: Call) -> Any:
+        return call.args["n"]
+
+    async def go() -> None:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        r, w = await asyncio.open_unix_connection(sock=ours)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(theirs, frames.frame(b"auth") + b"".join(
+            frames.frame(frames.request(n, "echo", {"n": n})) for n in (1, 2, 3)))
+        assert await frames.read_frame(r, 100) == b"auth"  # the "handshake"
+        while len(r._buffer) < 3 * len(frames.frame(frames.request(1, "echo", {"n": 1}))):
+            await asyncio.sleep(0.01)  # all three requests wait in the reader's buffer
+        conn = Connection(r, w, handlers={"echo": echo}, name="t").start()
+        got = b""
+        want = b"".join(frames.frame(frames.response(n, n)) for n in (1, 2, 3))
+        while len(got) < len(want):
+            got += await loop.sock_recv(theirs, 1 << 16)
+        assert got == want
+        theirs.close()
+        await conn.closed.wait()
+        await conn.aclose()
+
+    run(go)

@@ -50,7 +50,7 @@ class BlobSource(abc.ABC):
     name: str = "source"
 
     @abc.abstractmethod
-    async def fetch(self, digest: bytes) -> bytes:
+    async def fetch(self, digest: bytes) -> bytes | bytearray:
         """The bytes of the leaf ``digest`` (a blob of at most one chunk).
 
         Raises :class:`~swarm.errors.BlobMissing` when the source does not hold it.
@@ -135,7 +135,7 @@ class Fetcher:
         self._read_parallel = max(1, read_chunk_concurrency)
         self._leaves: dict[bytes, asyncio.Task[None]] = {}
         self._files: dict[bytes, asyncio.Task[None]] = {}
-        self._to_write: list[tuple[bytes, bytes, asyncio.Future[None]]] = []
+        self._to_write: list[tuple[bytes, bytes | bytearray, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ public
@@ -260,7 +260,7 @@ class Fetcher:
         self.stats.leaves += 1
         self.stats.bytes += len(data)
 
-    async def _put_verified(self, digest: bytes, data: bytes) -> None:
+    async def _put_verified(self, digest: bytes, data: bytes | bytearray) -> None:
         """Store a leaf whose digest was just computed here (so the store need not hash
         it again), by group commit: leaves that arrive while a commit is running are
         written together by the next one, on a worker thread. One commit (and fsync) per
@@ -290,7 +290,7 @@ class Fetcher:
                 if not fut.done():
                     fut.set_result(None)
 
-    def _write_batch(self, items: list[tuple[bytes, bytes]]) -> None:
+    def _write_batch(self, items: list[tuple[bytes, bytes | bytearray]]) -> None:
         with self.store.batch() as batch:
             for digest, data in items:
                 batch.put_leaf(digest, data)

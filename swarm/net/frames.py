@@ -11,23 +11,31 @@ Peer transport (TCP between nodes; :mod:`swarm.net.secure`)
 -----------------------------------------------------------
 Handshake, three plaintext frames whose body is a msgpack array:
 
-``HELLO``  client -> server  ``[1, version, cluster_id(8), static_pub(32), eph_pub(32)]``
+``HELLO``  client -> server  ``[1, version, cluster_id(8), static_pub(32), eph_pub(32),
+           ciphers]``
 ``HELLO``  server -> client  ``[1, version, cluster_id(8), static_pub(32), eph_pub(32),
-           proof(32)]``
+           cipher, proof(32)]``
 ``AUTH``   client -> server  ``[2, proof(32)]``
 
+``version`` is :data:`PROTOCOL_VERSION` (2); a side speaking another version is refused.
 ``cluster_id`` names the cluster (a hash of the join token, not the token); a server
 whose id differs closes without answering, so a stranger learns nothing to attack.
-Both proofs are MACs of the transcript under keys derived from the token *and* from
-two X25519 agreements, ephemeral-ephemeral (forward secrecy) and static-static (each side
-holds the private key of the identity it claims). A side that lacks the token or the key
-cannot produce a proof; the server serves nothing before it has checked ``AUTH``.
+``ciphers`` lists the AEADs the client accepts, most preferred first (at most 8 names):
+``"aes-256-gcm"``, ``"chacha20-poly1305"``; names the server does not know are skipped.
+``cipher`` is the server's choice: the first of its own list that the client offered (no
+common one: the server closes). Both proofs are MACs of the transcript (both HELLOs
+without the server's proof, so the offer and the choice too) under keys derived from the
+token *and* from two X25519 agreements, ephemeral-ephemeral (forward secrecy) and
+static-static (each side holds the private key of the identity it claims). A side that
+lacks the token or the key cannot produce a proof; the server serves nothing before it
+has checked ``AUTH``; the client refuses a cipher it did not offer.
 
-After the handshake every frame body is ``u64 counter | ciphertext``:
-ChaCha20-Poly1305 (IETF) under the direction's key, nonce ``4 zero bytes | counter``,
-the counter bytes as associated data, the plaintext a *message* (below). Counters start
-at 0 and go up by one per frame in each direction; a frame whose counter is not the
-next expected one is a replay or a reorder and ends the connection (before decryption).
+After the handshake every frame body is ``u64 counter | ciphertext | tag(16)``: the
+chosen AEAD (IETF ChaCha20-Poly1305, or AES-256-GCM) under the direction's key, nonce
+``4 zero bytes | counter``, the counter bytes as associated data, the plaintext a
+*message* (below) or the payload that a ``BYTES`` message announced. Counters start at 0
+and go up by one per frame in each direction; a frame whose counter is not the next
+expected one is a replay or a reorder and ends the connection (before decryption).
 Session keys are fresh per connection, so a frame captured from another connection does
 not authenticate either.
 
@@ -81,7 +89,7 @@ MAX_HANDSHAKE_FRAME_BYTES = 1024
 LENGTH = struct.Struct(">I")
 COUNTER = struct.Struct(">Q")
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # handshake frame types
 HELLO = 1
@@ -93,6 +101,7 @@ RESPONSE = 2
 ERROR = 3
 CANCEL = 4
 DATA = 5
+BYTES = 6
 
 STREAM_STDIN = 0
 STREAM_STDOUT = 1
@@ -126,7 +135,7 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def unpack(body: bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Any:
+def unpack(body: bytes | bytearray | memoryview, *, max_bytes: int = MAX_FRAME_BYTES) -> Any:
     """msgpack bytes -> Python, with the container sizes bounded by the frame size."""
     try:
         return msgpack.unpackb(body, raw=False, strict_map_key=True,
@@ -172,7 +181,7 @@ def _int(v: Any) -> int:
     return v
 
 
-def decode_message(body: bytes) -> Message:
+def decode_message(body: bytes | bytearray | memoryview) -> Message:
     """A message body -> :class:`Message`, checking its shape; ProtocolError otherwise."""
     obj = unpack(body)
     if not isinstance(obj, list) or not obj or type(obj[0]) is not int:
@@ -199,6 +208,10 @@ def decode_message(body: bytes) -> Message:
                 or not isinstance(obj[3], bytes)):
             raise ProtocolError("malformed DATA")
         return Message(t, _int(obj[1]), stream=obj[2], data=obj[3])
+    if t == BYTES:
+        if len(obj) != 2:
+            raise ProtocolError("malformed BYTES")
+        return Message(t, _int(obj[1]))
     raise ProtocolError(f"unknown message type {t}")
 
 
@@ -220,3 +233,8 @@ def cancel(req_id: int) -> bytes:
 
 def data(req_id: int, stream: int, chunk: bytes) -> bytes:
     return pack([DATA, req_id, stream, chunk])
+
+
+def bytes_header(req_id: int) -> bytes:
+    """The BYTES message; the payload goes as the next frame's body."""
+    return pack([BYTES, req_id])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from swarm.errors import AuthFailed, PeerError, ProtocolError, UsageError
 from swarm.net.rpc import Connection, Handler
@@ -20,6 +20,7 @@ from swarm.net.secure import (
     ClusterKey,
     NodeKey,
     client_handshake,
+    local_ciphers,
     server_handshake,
 )
 
@@ -67,15 +68,19 @@ def _tune(writer: asyncio.StreamWriter) -> None:
 
 class Transport:
     """Listens for members and dials them. ``handlers`` serve authenticated peers' requests
-    (on connections either side opened); ``on_reject`` hears of every refused handshake."""
+    (on connections either side opened); ``on_reject`` hears of every refused handshake.
+    ``ciphers``: the AEADs this side accepts, most preferred first (default:
+    :func:`~swarm.net.secure.local_ciphers`)."""
 
     def __init__(self, cluster: ClusterKey, node: NodeKey, handlers: dict[str, Handler], *,
                  handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S,
-                 on_reject: Callable[[str, str], None] | None = None) -> None:
+                 on_reject: Callable[[str, str], None] | None = None,
+                 ciphers: Sequence[str] | None = None) -> None:
         self.cluster = cluster
         self.node = node
         self.handlers = handlers
+        self.ciphers = list(ciphers) if ciphers is not None else local_ciphers()
         self.handshake_timeout_s = handshake_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.on_reject = on_reject
@@ -122,7 +127,7 @@ class Transport:
         try:
             _tune(writer)
             session = await server_handshake(reader, writer, self.cluster, self.node,
-                                             self.handshake_timeout_s)
+                                             self.handshake_timeout_s, self.ciphers)
         except (AuthFailed, ProtocolError) as err:
             self._reject(who, str(err))
             writer.close()
@@ -170,7 +175,7 @@ class Transport:
         _tune(writer)
         try:
             session = await client_handshake(reader, writer, self.cluster, self.node,
-                                             self.handshake_timeout_s)
+                                             self.handshake_timeout_s, self.ciphers)
         except (AuthFailed, ProtocolError) as err:
             writer.close()
             raise AuthFailed(f"{addr}: {err}") from None
