@@ -26,7 +26,7 @@ from swarm.digest import hash_bytes
 from swarm.errors import ImportRefused, NotFound
 from swarm.fs import images
 from swarm.fs.images import ImageRecord
-from swarm.fs.index import Entry, Index, kind_of
+from swarm.fs.index import Entry, Index, kind_of, sort_key
 from swarm.store import Store
 from swarm.store.cas import Batch
 
@@ -42,7 +42,7 @@ WHOLE_READ_MAX_BYTES = 4 << 20
 # each); at most PIPELINE_DEPTH groups wait for it (memory stays bounded).
 GROUP_FILES = 32
 GROUP_BYTES = 1 << 20
-PIPELINE_DEPTH = 64
+PIPELINE_DEPTH = 32
 
 
 def read_xattrs(path: bytes) -> dict[str, bytes] | None:
@@ -314,13 +314,14 @@ def import_directory(
 
 
 def _renumber_links(entries: list[Entry]) -> list[Entry]:
-    """Hard-link groups numbered 0, 1, ... in path order, so equal trees encode equally."""
+    """Hard-link groups numbered 0, 1, ... in path order, so equal trees encode equally.
+    Only the linked entries are sorted here (few); ``Index`` sorts them all."""
+    linked = sorted((sort_key(e.path), i, e.link) for i, e in enumerate(entries)
+                    if e.link is not None)
     order: dict[int, int] = {}
-    out = []
-    for e in sorted(entries, key=lambda e: e.path.split(b"/")):
-        if e.link is not None:
-            e = e._replace(link=order.setdefault(e.link, len(order)))
-        out.append(e)
+    out = list(entries)
+    for _, i, link in linked:
+        out[i] = entries[i]._replace(link=order.setdefault(link, len(order)))
     return out
 
 
