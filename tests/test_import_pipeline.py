@@ -115,3 +115,23 @@ def test_caller_error_drops_what_the_writer_has_not_committed(tmp_path, monkeypa
         assert s.verify().clean
         d = s.put(b"after the failure")
         assert s.get(d) == b"after the failure"
+
+
+def test_files_that_changed_size_since_lstat_are_stored_as_read(tmp_path):
+    grown = tmp_path / "grown"
+    grown.write_bytes(os.urandom(5000))
+    huge = tmp_path / "huge"  # grew past the whole-read limit: streamed instead
+    huge.write_bytes(os.urandom(WHOLE_READ_MAX_BYTES + 100))
+    shrunk = tmp_path / "shrunk"
+    shrunk.write_bytes(os.urandom(700))
+    got = {}
+    with Store(tmp_path / "store", chunk_size=CHUNK) as s:
+        with s.batch() as batch, ContentPipeline(
+                batch, lambda k, d, n: got.update({k: (d, n)})) as pipeline:
+            pipeline.submit(grown, os.fsencode(grown), 10)  # the size lstat said earlier
+            pipeline.submit(huge, os.fsencode(huge), 10)
+            pipeline.submit(shrunk, os.fsencode(shrunk), 9000)
+        for path in (grown, huge, shrunk):
+            data = path.read_bytes()
+            assert got[path] == (hash_bytes(data), len(data))
+            assert s.get(got[path][0]) == data

@@ -99,13 +99,14 @@ def _read_small(path: bytes, size: int) -> tuple[bytes, bytes] | None:
         return None
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
+        # one read: a short read of a regular file is its end (it may have shrunk)
         data = os.read(fd, size + 1)
-        # a short read of a regular file is its end; a full one means it grew: read on
-        while len(data) == size + 1 and len(data) <= WHOLE_READ_MAX_BYTES:
-            more = os.read(fd, WHOLE_READ_MAX_BYTES + 1 - len(data))
-            if not more:
-                break
-            data += more
+        if len(data) > size:  # it grew since lstat: read on, up to the limit
+            while len(data) <= WHOLE_READ_MAX_BYTES:
+                more = os.read(fd, WHOLE_READ_MAX_BYTES + 1 - len(data))
+                if not more:
+                    break
+                data += more
     finally:
         os.close(fd)
     if len(data) > WHOLE_READ_MAX_BYTES:
