@@ -134,6 +134,7 @@ class Engine:
             self._stack.callback(shutil.rmtree, self.dir, True)
             self.store = Store(self.state_dir / "store")
             self._stack.callback(self.store.close)
+            self._stack.push_async_callback(self._async_close_fetcher)  # before the store
             if self.source is not None and self.prefetch and self.hot_trees:
                 origin = StoreSource(Store(self.source), owns_store=True)
                 self._stack.push_async_callback(origin.aclose)
@@ -184,7 +185,9 @@ class Engine:
             if hot is not None:
                 lowers.insert(0, hot)  # local files first; the FUSE mount for the rest
             cdir = self.dir / CONTAINERS_DIR / container_id
-            ov = overlay_mod.mount_overlay(lowers, cdir)
+            # volatile: the upper is thrown away, so its unmount need not sync the
+            # filesystem (measured: 30-60 ms per cold start, flushing the hot tree)
+            ov = overlay_mod.mount_overlay(lowers, cdir, volatile=keep_upper is None)
             try:
                 spec = ContainerSpec(
                     rootfs=ov.merged, args=list(opts.args), env=dict(opts.env or {}),
@@ -207,6 +210,11 @@ class Engine:
         finally:
             await self.mounts.release(image_id)
 
+
+    async def _async_close_fetcher(self) -> None:
+        """The fetcher stores what it fetched behind its readers: let it finish."""
+        if self.fetcher is not None:
+            await self.fetcher.aclose()
 
     async def _hot_tree(self, image_id: bytes) -> Path | None:
         """The image's hot tree. On a cold node whose image has a recorded hot set, the hot

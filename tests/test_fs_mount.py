@@ -21,6 +21,7 @@ import pytest
 
 from swarm.build.importer import import_directory
 from swarm.digest import to_hex
+from swarm.fs import daemon as daemon_mod
 from swarm.fs import hotset, images
 from swarm.fs.mounts import MountManager, cleanup_leftovers, swarm_mounts
 from swarm.store import Store
@@ -498,3 +499,32 @@ def test_manager_exit_leaves_nothing(tmp_path: Path, small: tuple[Path, Path, by
     proc.wait()
     wait_gone(info["pid"])
     assert not swarm_mounts(state)
+
+
+def test_op_times_and_trace(tmp_path: Path, small: tuple[Path, Path, bytes],
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every op kind that reached the daemon has its time in the statistics; with
+    SWARM_FS_TRACE set, the daemon writes every op (with its arguments) on unmount."""
+    _, store_path, image_id = small
+    trace_dir = tmp_path / "trace"
+    monkeypatch.setenv(daemon_mod.TRACE_ENV, str(trace_dir))
+
+    async def main() -> dict[str, Any]:
+        async with MountManager(tmp_path / "state", store_path, idle_s=0,
+                                chunk_size=CHUNK) as mm:
+            mnt = await mm.acquire(image_id)
+            try:
+                await asyncio.to_thread((mnt / "etc" / "conf").read_bytes)
+                await asyncio.to_thread((mnt / "nope").exists)
+                stats = await mm.stats(image_id)
+            finally:
+                await mm.release(image_id)
+        return stats
+
+    stats = run(main())
+    assert set(stats["op_ms"]) == set(stats["ops"]) and "read" in stats["ops"]
+    (trace,) = trace_dir.glob("*.trace.jsonl")
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [r[3][1] for r in rows if r[2] == "lookup"][-1] == "nope"
+    assert sum(1 for r in rows if r[2] == "read") == stats["ops"]["read"]
+    assert all(r[1] >= 0 for r in rows)

@@ -240,3 +240,123 @@ def test_hot_set_merge_save_and_prefetch(tmp_path: Path, local: Store) -> None:
         assert report.fetched == 3
         assert all(local.has(d) for d in (digests[4], digests[1], digests[0]))
         assert not local.has(digests[5])
+
+
+class ManifestCountingSource(GatedSource):
+    """A GatedSource (gate open) that counts manifest requests."""
+
+    def __init__(self, blobs: dict[bytes, bytes],
+                 manifests: dict[bytes, Manifest] | None = None) -> None:
+        super().__init__(blobs, manifests)
+        self.gate.set()
+        self.manifest_calls = 0
+
+    async def fetch_manifest(self, digest: bytes) -> Manifest | None:
+        self.manifest_calls += 1
+        return await super().fetch_manifest(digest)
+
+
+class HeldWrites(Fetcher):
+    """A fetcher whose store writes wait for ``release`` (set from the test)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.release = __import__("threading").Event()
+
+    def _write_batch(self, items: list[tuple[bytes, bytes, bool]]) -> None:
+        assert self.release.wait(30), "writes never released"
+        super()._write_batch(items)
+
+
+def test_read_answers_from_verified_bytes_before_the_commit(local: Store) -> None:
+    data = random.Random(7).randbytes(CHUNK // 2)
+    digest = hash_bytes(data)
+    source = ManifestCountingSource({digest: data})
+    fetcher = HeldWrites(local, source, write_behind_s=0)
+
+    async def main() -> None:
+        assert await fetcher.read(digest, 10, 100, size=len(data)) == data[10:110]
+        assert not local.has(digest)  # the commit is still held back
+        assert fetcher.peek(digest, 0, 5) == data[:5]
+        assert await fetcher.read(digest, 0, len(data), size=len(data)) == data
+        fetcher.release.set()
+        await fetcher.aclose()
+
+    asyncio.run(main())
+    assert local.get(digest) == data
+    assert fetcher.peek(digest, 0, 5) is None  # committed: served by the store now
+    # a file that fits in one chunk came in one request, without a manifest round trip
+    assert source.calls[digest] == 1 and source.manifest_calls == 0
+
+
+def test_small_file_the_source_holds_only_chunked(local: Store) -> None:
+    """A source with a smaller chunk size holds a small (for us) file as chunks: the
+    one-request fetch misses, and the manifest path brings it in, verified whole."""
+    data = random.Random(8).randbytes(CHUNK - 10)
+    digest = hash_bytes(data)
+    parts = [data[:300], data[300:600], data[600:]]
+    man = Manifest(len(data), 300, tuple(hash_bytes(p) for p in parts))
+    source = ManifestCountingSource({hash_bytes(p): p for p in parts}, {digest: man})
+    fetcher = Fetcher(local, source)
+
+    async def main() -> None:
+        assert await fetcher.read(digest, 0, len(data), size=len(data)) == data
+        await fetcher.aclose()
+
+    asyncio.run(main())
+    assert source.manifest_calls == 1
+    assert local.get(digest) == data
+
+
+def test_read_rejects_corrupt_bytes_and_keeps_nothing(local: Store) -> None:
+    digest = hash_bytes(b"the real bytes")
+    source = ManifestCountingSource({digest: b"other bytes!!!"})
+    fetcher = Fetcher(local, source)
+
+    async def main() -> None:
+        with pytest.raises(CorruptBlob):
+            await fetcher.read(digest, 0, 14, size=14)
+        assert fetcher.peek(digest, 0, 14) is None
+        await fetcher.aclose()
+
+    asyncio.run(main())
+    assert not local.has(digest) and fetcher.stats.corrupt == 1
+
+
+def test_ensure_commits_without_the_write_behind_delay(local: Store) -> None:
+    """Reads leave their writes for a pause in the fetching; ensure (prefetch, hot trees,
+    index blobs) needs the blob in the store and gets its commit at once."""
+    blobs = {hash_bytes(bytes([i]) * 20): bytes([i]) * 20 for i in range(3)}
+    source = ManifestCountingSource(blobs)
+    fetcher = Fetcher(local, source, write_behind_s=3600)  # a read's write would wait
+    first, second, third = blobs
+
+    async def main() -> None:
+        await fetcher.read(first, 0, 20, size=20)
+        await asyncio.wait_for(fetcher.ensure(second), 30)
+        assert local.has(second) and local.has(first)  # one commit took both
+        await fetcher.read(third, 0, 20, size=20)
+        assert not local.has(third)
+        await asyncio.wait_for(fetcher.aclose(), 30)  # closing writes what is held
+
+    asyncio.run(main())
+    assert all(local.has(d) for d in blobs)
+
+
+def test_read_of_a_chunked_file_with_a_local_manifest(tmp_path: Path, local: Store) -> None:
+    data = random.Random(9).randbytes(6 * CHUNK)
+    digest = local.put(data)
+    with Store(tmp_path / "remote", chunk_size=CHUNK) as remote:
+        remote.put(data)
+        local.drop([digest])  # the manifest stays, the chunks go
+        source = StoreSource(remote)
+        fetcher = Fetcher(local, source)
+
+        async def main() -> bytes:
+            got = await fetcher.read(digest, CHUNK + 5, 2 * CHUNK, size=len(data))
+            await fetcher.aclose()
+            return got
+
+        assert asyncio.run(main()) == data[CHUNK + 5:3 * CHUNK + 5]
+        assert source.fetches == 3  # the three chunks the range covers
+        assert len(local.missing(digest)) == 3

@@ -192,6 +192,8 @@ def test_read_fetches_missing(tmp_path: Path, store: Store, contents: dict[bytes
         async def reads() -> None:
             assert await tree.read(path_ino(tree, b"/bin/big"), 100, 50) == big[100:150]
             assert await tree.read(path_ino(tree, b"/bin/big"), 0, len(big)) == big
+            assert reader.fetcher is not None
+            await reader.fetcher.aclose()  # the store write goes on after the reads
 
         asyncio.run(reads())
         assert reader.misses == 1  # the whole file came on the first miss

@@ -76,6 +76,8 @@ CONTROL_LINE_MAX_BYTES = 4096
 # libraries; with 1 MiB a page fault brings 1 MiB per FUSE read: `import encodings` on a
 # fresh mount needs 33 reads instead of 100. Contents are fetched by the chunk anyway.
 READ_AHEAD_KB = 1024
+# Set to a directory to have each daemon write a trace of every FUSE op there on exit.
+TRACE_ENV = "SWARM_FS_TRACE"
 
 
 def run_dir(state_dir: str | os.PathLike[str]) -> Path:
@@ -239,6 +241,7 @@ class Daemon:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "startup_ms": self.timings_ms,
             "ops": self.ops.op_counts() if self.ops else {},
+            "op_ms": self.ops.op_times_ms() if self.ops else {},
             "op_errors": self.ops.errors if self.ops else 0,
             "reads_waiting_for_fetch": self.reader.misses if self.reader else 0,
             "fetch": fetch,
@@ -259,6 +262,22 @@ class Daemon:
             os.replace(tmp, path)
         except OSError as err:
             log.warning("cannot write statistics to %s: %s", path, err)
+
+    def _write_trace(self, directory: Path) -> None:
+        """Every op of this mount, one JSON line each: start (CLOCK_MONOTONIC, ms: the
+        same clock in every process), duration (ms), op, arguments."""
+        assert self.ops is not None and self.ops.trace is not None
+        path = directory / f"{to_hex(self.image_id)[:12]}-{os.getpid()}.trace.jsonl"
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with open(path, "w") as f:
+                for t0, dt, op, args in self.ops.trace:
+                    f.write(json.dumps([round(t0 / 1e6, 3), round(dt / 1e6, 3), op,
+                                        [a.decode(errors="replace") if isinstance(a, bytes)
+                                         else a if isinstance(a, int) else repr(a)
+                                         for a in args]]) + "\n")
+        except OSError as err:
+            log.warning("cannot write the op trace to %s: %s", path, err)
 
     # ------------------------------------------------------------------ hot set
     async def _save_hot_set(self) -> bytes | None:
@@ -316,6 +335,9 @@ class Daemon:
     async def _mount_and_serve(self, stack: contextlib.AsyncExitStack) -> None:
         args = self.args
         pyfuse3 = _import_pyfuse3()
+        # _set_read_ahead needs it once the kernel's INIT arrives; importing it then (from
+        # source, without a zygote) held up the mount's first requests by ~20 ms
+        import swarm.fs.mounts  # noqa: F401
         from swarm.fs.fuse import MOUNT_OPTIONS, SwarmOperations
         self._mark("imports")
 
@@ -327,6 +349,7 @@ class Daemon:
         if self.source is not None:
             stack.push_async_callback(self.source.aclose)
             self.fetcher = Fetcher(store, self.source)
+            stack.push_async_callback(self.fetcher.aclose)  # its writes, before the store
         self.image_id = _image_id(store, args.image)
         stack.callback(self._write_stats)  # runs last: after the unmount and hot-set save
         if not store.has(self.image_id):
@@ -338,6 +361,9 @@ class Daemon:
         self._mark("index")
         self.reader = ContentReader(store, self.fetcher, on_read=self.recorder.record)
         self.ops = ops = SwarmOperations(Tree(index, self.reader))
+        if os.environ.get(TRACE_ENV):
+            ops.trace = []
+            stack.callback(self._write_trace, Path(os.environ[TRACE_ENV]))
         self._mark("tree")
         if self.stop.is_set():
             return
@@ -351,6 +377,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
 
         def after_init() -> None:
+            self._mark("fuse_init")
             loop.call_soon(_set_read_ahead, self.mountpoint, READ_AHEAD_KB)
 
         ops.on_init = after_init
@@ -505,7 +532,10 @@ def zygote_main(argv: list[str]) -> int:
     p.add_argument("--control-fd", type=int, required=True)
     args = p.parse_args(argv)
     _import_pyfuse3()
-    import swarm.fs.fuse  # noqa: F401 - imported here, once, for every daemon forked
+    # imported here, once, for every daemon forked (this process is __main__, so
+    # swarm.fs.daemon itself comes in through swarm.fs.mounts)
+    import swarm.fs.fuse
+    import swarm.fs.mounts  # noqa: F401
 
     sock = socket.socket(fileno=args.control_fd)
     signal.signal(signal.SIGCHLD, _reap_children)

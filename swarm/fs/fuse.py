@@ -36,6 +36,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -68,6 +69,7 @@ def _fuse_op(fn: _F) -> _F:
     @functools.wraps(fn)
     async def wrapper(self: SwarmOperations, *args: Any) -> Any:
         self.ops[name] += 1
+        t0 = time.perf_counter_ns()
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -82,6 +84,11 @@ def _fuse_op(fn: _F) -> _F:
             self.errors += 1
             log.exception("%s%r failed unexpectedly", name, args[:2])
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            dt = time.perf_counter_ns() - t0
+            self.op_ns[name] += dt
+            if self.trace is not None:
+                self.trace.append((t0, dt, name, args[:3]))
 
     return wrapper  # type: ignore[return-value]
 
@@ -97,7 +104,10 @@ class SwarmOperations(pyfuse3.Operations):
         super().__init__()
         self.tree = tree
         self.ops: Counter[str] = Counter()
+        self.op_ns: Counter[str] = Counter()  # time spent in each kind of op, here
         self.errors = 0
+        # (start ns, duration ns, op, first arguments) of every op, when tracing
+        self.trace: list[tuple[int, int, str, tuple[Any, ...]]] | None = None
         # EntryAttributes are copied into each reply, so one object per inode serves all.
         self._attr_cache: dict[int, pyfuse3.EntryAttributes] = {}
         self._negative = pyfuse3.EntryAttributes()
@@ -214,5 +224,9 @@ class SwarmOperations(pyfuse3.Operations):
     def op_counts(self) -> dict[str, int]:
         return dict(sorted(self.ops.items()))
 
+    def op_times_ms(self) -> dict[str, float]:
+        return {k: round(v / 1e6, 2) for k, v in sorted(self.op_ns.items())}
+
     def reset_counts(self) -> None:
         self.ops.clear()
+        self.op_ns.clear()

@@ -27,9 +27,10 @@ import shutil
 from pathlib import Path
 
 from swarm.digest import to_hex
+from swarm.errors import SwarmError
 from swarm.fs import hotset, images
 from swarm.fs.index import Entry, Index
-from swarm.fs.materialize import export_directory
+from swarm.fs.materialize import WRITE_FLAGS, apply_meta, export_directory
 from swarm.fs.source import Fetcher
 from swarm.store import Store
 
@@ -92,10 +93,67 @@ def ensure_hot_tree(store: Store, state_dir: Path, image_id: bytes) -> Path | No
 HOT_PREFETCH_CONCURRENCY = 16  # origin/peer reads in flight while a hot set comes in
 
 
+class _TreeWriter:
+    """Writes a hot tree into a temporary directory while its files arrive: directories
+    and symlinks first, each file as soon as its content is here, directory metadata
+    last (creating a child changes its parent's mtime)."""
+
+    def __init__(self, sub: Index, root: Path) -> None:
+        self.sub = sub
+        self.root = os.fsencode(root)
+        self.files: dict[bytes, list[Entry]] = {}
+        self.dirs: list[tuple[bytes, Entry]] = []
+
+    def _path(self, e: Entry) -> bytes:
+        return self.root + e.path if e.path != b"/" else self.root
+
+    def skeleton(self) -> None:
+        os.mkdir(self.root, 0o700)
+        for e in self.sub:
+            path = self._path(e)
+            if e.kind == "dir":
+                if e.path != b"/":
+                    os.mkdir(path, 0o700)
+                self.dirs.append((path, e))
+            elif e.kind == "symlink":
+                assert e.target is not None
+                os.symlink(e.target, path)
+                apply_meta(path, e)
+            elif e.kind == "file":
+                assert e.digest is not None
+                self.files.setdefault(e.digest, []).append(e)
+
+    def write(self, digest: bytes, data: bytes) -> None:
+        """Every path of the tree whose content is ``data`` (hard links linked)."""
+        first_of_group: dict[int, bytes] = {}
+        for e in self.files.get(digest, ()):
+            path = self._path(e)
+            if e.link is not None and e.link in first_of_group:
+                os.link(first_of_group[e.link], path, follow_symlinks=False)
+                continue
+            fd = os.open(path, WRITE_FLAGS, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            apply_meta(path, e)
+            if e.link is not None:
+                first_of_group[e.link] = path
+
+    def finish(self) -> None:
+        for path, e in reversed(self.dirs):
+            apply_meta(path, e)
+            os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
+
+
 async def async_prepare_hot_tree(store: Store, state_dir: Path, image_id: bytes,
                                  fetcher: Fetcher | None) -> Path | None:
-    """``ensure_hot_tree``, first bringing a recorded hot set in through ``fetcher`` when
-    some of it is missing here (a cold node)."""
+    """``ensure_hot_tree``; on a node that lacks some of a recorded hot set (a cold node),
+    the hot set is fetched through ``fetcher`` and the tree written as its files arrive,
+    from the verified bytes (the store gets them too, behind): the tree is ready about
+    when the last file is, not after every commit and a second pass reading them back."""
     tree = await asyncio.to_thread(ensure_hot_tree, store, state_dir, image_id)
     if tree is not None or fetcher is None:
         return tree
@@ -104,10 +162,57 @@ async def async_prepare_hot_tree(store: Store, state_dir: Path, image_id: bytes,
         return None
     await fetcher.ensure(hot_digest)
     digests = await asyncio.to_thread(hotset.load, store, image_id)
-    report = await fetcher.prefetch(digests, HOT_PREFETCH_CONCURRENCY)
-    if report.failed:
+    if not digests:
         return None
-    return await asyncio.to_thread(ensure_hot_tree, store, state_dir, image_id)
+    index = images.load_index(store, image_id)
+    sub = select(index, set(digests))
+    dest = hot_tree_dir(state_dir, image_id, hot_digest)
+    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}-{id(sub):x}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    writer = _TreeWriter(sub, tmp)
+    sizes = {e.digest: e.size for e in sub if e.kind == "file" and e.digest is not None}
+    writes: list[asyncio.Future[None]] = []  # threads outlive a cancelled worker
+    workers: list[asyncio.Future[None]] = []
+    try:
+        await asyncio.to_thread(writer.skeleton)
+        pending = iter(d for d in digests if d in sizes)
+
+        async def worker() -> None:
+            for digest in pending:
+                data = await fetcher.read(digest, 0, sizes[digest], size=sizes[digest])
+                if len(data) != sizes[digest]:
+                    raise SwarmError(f"blob {to_hex(digest)} is {len(data)} bytes, the "
+                                     f"index says {sizes[digest]}")
+                writes.append(asyncio.ensure_future(
+                    asyncio.to_thread(writer.write, digest, data)))
+                await asyncio.shield(writes[-1])
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(HOT_PREFETCH_CONCURRENCY)]
+        await asyncio.gather(*workers)
+        await asyncio.to_thread(writer.finish)
+        return await asyncio.to_thread(_install, tmp, dest, state_dir, image_id, len(sub))
+    except (SwarmError, OSError) as err:
+        log.warning("hot tree of %s not built: %s", to_hex(image_id)[:12], err)
+        return None
+    finally:
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, *writes, return_exceptions=True)
+        if tmp.exists():
+            await asyncio.to_thread(shutil.rmtree, tmp, True)
+
+
+def _install(tmp: Path, dest: Path, state_dir: Path, image_id: bytes, entries: int) -> Path:
+    """Rename a finished tree into place (a tree that exists is complete)."""
+    try:
+        os.rename(tmp, dest)
+    except OSError as err:
+        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        return dest  # another process built it first
+    remove_hot_trees(state_dir, image_id, keep=dest)
+    log.info("hot tree of %s: %d entries at %s", to_hex(image_id)[:12], entries, dest)
+    return dest
 
 
 def trees_in_use() -> set[Path]:

@@ -25,7 +25,8 @@ from swarm.store.cas import PartsReader
 WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _apply_meta(path: bytes, e: Entry) -> None:
+def apply_meta(path: bytes, e: Entry) -> None:
+    """Owner, mode, xattrs and (but for directories) mtime of ``path``, in that order."""
     os.chown(path, e.uid, e.gid, follow_symlinks=False)
     if e.kind != "symlink":
         os.chmod(path, e.mode)
@@ -81,9 +82,9 @@ def export_directory(store: Store, index: Index, dest: str | os.PathLike[str],
             os.mkfifo(path, 0o600)
         else:  # pragma: no cover - Index validates kinds
             raise SwarmError(f"cannot export {e.path!r} of kind {e.kind}")
-        _apply_meta(path, e)
+        apply_meta(path, e)
     for path, e in reversed(dirs):
-        _apply_meta(path, e)
+        apply_meta(path, e)
         os.utime(path, ns=(e.mtime_ns, e.mtime_ns), follow_symlinks=False)
 
 

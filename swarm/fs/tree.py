@@ -70,17 +70,24 @@ class ContentReader:
         self.on_read = on_read
         self.misses = 0  # reads that had to wait for the fetcher
 
-    async def read(self, digest: bytes, offset: int, length: int) -> bytes:
+    async def read(self, digest: bytes, offset: int, length: int,
+                   size: int | None = None) -> bytes:
+        """``size``: the file's size, when known (a small file is then fetched in one
+        request)."""
         if self.on_read is not None:
             self.on_read(digest)
+        fetcher = self.fetcher
+        if fetcher is None:
+            return self.store.read(digest, offset, length)
+        data = fetcher.peek(digest, offset, length)  # fetched, not committed yet
+        if data is not None:
+            return data
         try:
             return self.store.read(digest, offset, length)
         except BlobMissing:
-            if self.fetcher is None:
-                raise
+            pass
         self.misses += 1
-        await self.fetcher.ensure_range(digest, offset, length)
-        return self.store.read(digest, offset, length)
+        return await fetcher.read(digest, offset, length, size=size)
 
 
 class Tree:
@@ -223,7 +230,7 @@ class Tree:
             return b""
         if self.reader is None:
             raise _err(errno.EIO, "tree has no content reader")
-        data = await self.reader.read(e.digest, offset, length)
+        data = await self.reader.read(e.digest, offset, length, e.size)
         if len(data) != length:
             # The index says the file is longer (or shorter) than the content its digest
             # names: the index is wrong, and padding or truncating would invent bytes.
