@@ -72,6 +72,9 @@ class BlobService:
         if self.die_on_serve and call.conn.channel is not None:
             log.error("test switch: dying while serving %s", to_hex(digest)[:12])
             os.kill(os.getpid(), signal.SIGKILL)
+        # Room first: with many requests in flight, answers wait here as requests, not
+        # as sealed 4 MiB buffers piling up in the transport.
+        await call.drain()
         try:
             with self.store.view(digest) as view:
                 n = len(view)

@@ -51,6 +51,8 @@ STREAM_BUFFER_BYTES = 256 << 10
 SMALL_FRAME_BYTES = 64 << 10
 # Received bytes waiting for the reader task past which the socket is not read.
 MAX_QUEUED_BYTES = 64 << 20
+# Large frame buffers kept for reuse once their frame is decrypted.
+SPARE_BUFFERS = 2
 
 Payload = bytes | bytearray | memoryview
 
@@ -110,6 +112,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._end = 0  # end of the received bytes in _buf
         self._body: bytearray | None = None  # a large frame being received
         self._body_n = 0
+        self._spares: list[bytearray] = []  # large buffers given back (recycle)
         self._frames: collections.deque[Payload] = collections.deque()
         self._queued = 0  # bytes in _frames
         self._read_paused = False
@@ -200,7 +203,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 self._start = begin + n
                 continue
             if n > SMALL_FRAME_BYTES:  # a large frame: its own buffer, filled in place
-                body = bytearray(n)
+                body = self._large_buffer(n)
                 body[:have] = buf[begin:self._end]
                 self._body, self._body_n = body, have
                 self._start = self._end = 0
@@ -212,6 +215,20 @@ class FrameProtocol(asyncio.BufferedProtocol):
             return
         if self._start == self._end:
             self._start = self._end = 0
+
+    def _large_buffer(self, n: int) -> bytearray:
+        for i, spare in enumerate(self._spares):
+            if len(spare) == n:
+                return self._spares.pop(i)
+        return bytearray(n)
+
+    def recycle(self, body: Payload) -> None:
+        """Take back a large frame's buffer that nobody holds any more (the reader has
+        decrypted it into another): the next frame of its size is received into it, so
+        a stream of 4 MiB chunks needs no new (zeroed) buffer per ciphertext."""
+        if isinstance(body, bytearray) and len(body) > SMALL_FRAME_BYTES:
+            self._spares.append(body)
+            del self._spares[:-SPARE_BUFFERS]
 
     def _push(self, body: Payload) -> None:
         self._frames.append(body)
@@ -279,14 +296,13 @@ class FrameProtocol(asyncio.BufferedProtocol):
             raise ConnectionResetError("connection lost")
         if self.transport is not None and self.transport.is_closing():
             await asyncio.sleep(0)  # let connection_lost run
-        if not self._write_paused:
-            return
-        w = self._loop.create_future()
-        self._drain_waiters.append(w)
-        try:
-            await w
-        finally:
-            self._drain_waiters.remove(w)
+        while self._write_paused:  # woken writers go one by one: each may refill it
+            w = self._loop.create_future()
+            self._drain_waiters.append(w)
+            try:
+                await w
+            finally:
+                self._drain_waiters.remove(w)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
@@ -495,7 +511,8 @@ class Connection:
                         raise ProtocolError("connection closed between BYTES and its body")
                     break
                 if self.channel is not None:
-                    body = self.channel.open(body)
+                    sealed, body = body, self.channel.open(body)
+                    self._proto.recycle(sealed)  # opened into a buffer of its own
                 if self._bytes_for is not None:  # the body a BYTES announced
                     req_id, self._bytes_for = self._bytes_for, None
                     fut = self._pending.get(req_id)
