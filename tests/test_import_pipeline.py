@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from swarm.build.importer import WHOLE_READ_MAX_BYTES, ContentPipeline
+from swarm.build.importer import PIPELINE_MAX_BYTES, WHOLE_READ_MAX_BYTES, ContentPipeline
 from swarm.digest import hash_bytes
 from swarm.store import Store
 
@@ -85,15 +85,22 @@ def test_file_streamed_by_the_writer_and_submits_after_drain(tmp_path):
 
 def test_writer_error_reaches_the_caller_and_committed_blobs_stay_valid(tmp_path):
     paths = make_files(tmp_path / "src", 70, 2000)
+    slow = tmp_path / "slow"  # streamed by the writer in many chunks while the caller reads on
+    slow.write_bytes(os.urandom(8 * WHOLE_READ_MAX_BYTES))
     missing = os.fsencode(tmp_path / "gone")  # the writer streams it, and fails
+    one_mb = tmp_path / "one-mb"
+    one_mb.write_bytes(os.urandom(1 << 20))
     with Store(tmp_path / "store", chunk_size=CHUNK) as s:
         with pytest.raises(FileNotFoundError), s.batch() as batch, \
                 ContentPipeline(batch, lambda *_: None) as pipeline:
             for i, p in enumerate(paths):
                 pipeline.submit(i, p, os.path.getsize(p))
+            pipeline.submit(-2, os.fsencode(slow), slow.stat().st_size)
             pipeline.submit(-1, missing, WHOLE_READ_MAX_BYTES + 1)
-            for i, p in enumerate(paths):
-                pipeline.submit(1000 + i, p, os.path.getsize(p))
+            # more than the writer's queue holds: the caller waits for room, and must be
+            # woken by the failure rather than wait forever
+            for i in range(PIPELINE_MAX_BYTES // (1 << 20) + 8):
+                pipeline.submit(1000 + i, os.fsencode(one_mb), 1 << 20)
         assert s.verify().clean
         # the store takes writes again (no writer transaction left behind)
         d = s.put(b"after the failure")

@@ -39,10 +39,11 @@ SKIP_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 # streamed chunk by chunk by the writer thread so memory stays bounded.
 WHOLE_READ_MAX_BYTES = 4 << 20
 # Files go to the writer in groups of up to this many files or bytes (one queue hand-over
-# each); at most PIPELINE_DEPTH groups wait for it (memory stays bounded).
+# each). At most PIPELINE_MAX_BYTES of content read whole waits for the writer: enough to
+# keep the walk going while the writer commits, and a bound on memory.
 GROUP_FILES = 32
 GROUP_BYTES = 1 << 20
-PIPELINE_DEPTH = 32
+PIPELINE_MAX_BYTES = 64 << 20
 
 
 def read_xattrs(path: bytes) -> dict[str, bytes] | None:
@@ -141,7 +142,9 @@ class ContentPipeline(Generic[K]):
         self.progress = progress
         self._group: _Group[K] = []
         self._group_bytes = 0
-        self._queue: queue.Queue[_Group[K] | None] = queue.Queue(PIPELINE_DEPTH)
+        self._queue: queue.SimpleQueue[tuple[_Group[K], int] | None] = queue.SimpleQueue()
+        self._room = threading.Condition()  # signalled as the writer takes groups off
+        self._queued_bytes = 0
         self._done: deque[tuple[K, bytes, int]] = deque()
         self._reached = threading.Event()  # the writer got to a drain's barrier
         self._error: BaseException | None = None
@@ -159,9 +162,11 @@ class ContentPipeline(Generic[K]):
             self._stop(raise_error=ok)
 
     def submit(self, key: K, path: bytes, size: int) -> None:
-        self._group.append((key, path, _read_small(path, size)))
-        self._group_bytes += size
-        if len(self._group) >= GROUP_FILES or self._group_bytes >= GROUP_BYTES:
+        got = _read_small(path, size)
+        self._group.append((key, path, got))
+        if got is not None:
+            self._group_bytes += len(got[1])
+        if len(self._group) >= GROUP_FILES or self._group_bytes >= GROUP_BYTES or got is None:
             self._hand_over()
             self._deliver()
 
@@ -171,7 +176,7 @@ class ContentPipeline(Generic[K]):
         self._hand_over()
         if self._writer is not None:
             self._reached.clear()
-            self._put(_BARRIER)
+            self._put(_BARRIER, 0)
             self._reached.wait()
             self._raise_if_failed()
         self._deliver()
@@ -179,17 +184,23 @@ class ContentPipeline(Generic[K]):
     def _hand_over(self) -> None:
         if not self._group:
             return
-        group, self._group, self._group_bytes = self._group, [], 0
+        group, nbytes = self._group, self._group_bytes
+        self._group, self._group_bytes = [], 0
         if self._writer is None:
             self.batch.commit()  # the writer thread opens its own transaction
             self._writer = threading.Thread(target=self._write_loop, name="swarm-store-writer",
                                             daemon=True)
             self._writer.start()
-        self._put(group)
+        self._put(group, nbytes)
 
-    def _put(self, item: _Group[K]) -> None:
-        self._raise_if_failed()
-        self._queue.put(item)
+    def _put(self, group: _Group[K], nbytes: int) -> None:
+        with self._room:
+            while (self._queued_bytes and self._queued_bytes + nbytes > PIPELINE_MAX_BYTES
+                   and self._error is None):
+                self._room.wait()
+            self._raise_if_failed()
+            self._queued_bytes += nbytes
+        self._queue.put((group, nbytes))
 
     def _stop(self, *, raise_error: bool) -> None:
         writer, self._writer = self._writer, None
@@ -218,11 +229,11 @@ class ContentPipeline(Generic[K]):
 
     def _write_loop(self) -> None:
         batch = self.batch
-        stopped = False
         try:
-            while (group := self._queue.get()) is not None:
+            while (item := self._queue.get()) is not None:
                 if self._error is not None:
                     raise self._error
+                group, nbytes = item
                 if group is _BARRIER:
                     self._reached.set()
                     batch.commit()
@@ -235,7 +246,9 @@ class ContentPipeline(Generic[K]):
                         batch.put_digest(digest, data)
                         size = len(data)
                     self._done.append((key, digest, size))
-            stopped = True
+                with self._room:
+                    self._queued_bytes -= nbytes
+                    self._room.notify()
             if self._error is not None:
                 raise self._error  # the caller failed: what is not committed is dropped
             batch.commit()
@@ -244,8 +257,8 @@ class ContentPipeline(Generic[K]):
             if self._error is None:
                 self._error = err
             self._reached.set()
-            while not stopped:  # keep taking work so the submitter never blocks
-                stopped = self._queue.get() is None
+            with self._room:
+                self._room.notify_all()
 
 
 class _Aborted(Exception):
