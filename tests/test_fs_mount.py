@@ -528,3 +528,28 @@ def test_op_times_and_trace(tmp_path: Path, small: tuple[Path, Path, bytes],
     assert [r[3][1] for r in rows if r[2] == "lookup"][-1] == "nope"
     assert sum(1 for r in rows if r[2] == "read") == stats["ops"]["read"]
     assert all(r[1] >= 0 for r in rows)
+
+
+@pytest.mark.parametrize("zygote", [True, False], ids=["zygote", "exec"])
+def test_zygote_builds_the_tree_before_forking(tmp_path: Path, small: tuple[Path, Path, bytes],
+                                               zygote: bool) -> None:
+    """A zygote builds an image's tree once and forks it into each daemon of the image;
+    what the mount serves is the same either way."""
+    src, store_path, image_id = small
+
+    async def main() -> list[tuple[bool, Any]]:
+        seen = []
+        async with MountManager(tmp_path / "state", store_path, idle_s=0,
+                                chunk_size=CHUNK, zygote=zygote) as mm:
+            for _ in range(2):  # the second mount is a new daemon (idle_s=0 unmounted)
+                mnt = await mm.acquire(image_id)
+                try:
+                    view = await asyncio.to_thread(snapshot, mnt)
+                    seen.append(((await mm.stats(image_id))["tree_prepared"], view))
+                finally:
+                    await mm.release(image_id)
+        return seen
+
+    (first, view1), (second, view2) = run(main())
+    assert first == second == zygote
+    assert view1 == view2 and diff(view1, snapshot(src)) == []
