@@ -360,3 +360,20 @@ def test_read_of_a_chunked_file_with_a_local_manifest(tmp_path: Path, local: Sto
         assert asyncio.run(main()) == data[CHUNK + 5:3 * CHUNK + 5]
         assert source.fetches == 3  # the three chunks the range covers
         assert len(local.missing(digest)) == 3
+
+
+def test_prefetch_without_waiting_for_commits(local: Store) -> None:
+    """A mount's hot-set prefetch leaves the commits behind its readers, as reads do."""
+    blobs = {hash_bytes(bytes([i]) * 30): bytes([i]) * 30 for i in range(5)}
+    source = ManifestCountingSource(blobs)
+    fetcher = Fetcher(local, source, write_behind_s=3600)
+
+    async def main() -> None:
+        report = await asyncio.wait_for(fetcher.prefetch(blobs, 2, durable=False), 30)
+        assert (report.fetched, report.failed) == (5, 0)
+        assert not any(local.has(d) for d in blobs)  # still behind
+        assert all(fetcher.peek(d, 0, 30) == data for d, data in blobs.items())
+        await asyncio.wait_for(fetcher.aclose(), 30)
+
+    asyncio.run(main())
+    assert all(local.get(d) == data for d, data in blobs.items())

@@ -313,7 +313,7 @@ class Daemon:
         t0 = time.monotonic()
         self.prefetch_report = await hotset.prefetch(
             self.store, self.image_id, self.fetcher,
-            concurrency=self.args.prefetch_concurrency)
+            concurrency=self.args.prefetch_concurrency, durable=False)
         self.prefetch_ms = round((time.monotonic() - t0) * 1000, 1)
         log.info("hot set prefetch: %s in %.0f ms", self.prefetch_report, self.prefetch_ms)
 

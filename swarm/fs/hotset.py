@@ -117,7 +117,8 @@ def save(store: Store, image_id: bytes, recorded: Iterable[bytes]) -> bytes | No
 
 
 async def prefetch(store: Store, image_id: bytes, fetcher: Fetcher, *,
-                   concurrency: int = DEFAULT_PREFETCH_CONCURRENCY) -> PrefetchReport:
+                   concurrency: int = DEFAULT_PREFETCH_CONCURRENCY,
+                   durable: bool = True) -> PrefetchReport:
     """Fetch the image's hot set into the local store (digests already local are skipped).
     The hot-set blob itself comes from the source when only its digest is known here."""
     digest = images.hot_set(store, image_id)
@@ -130,4 +131,5 @@ async def prefetch(store: Store, image_id: bytes, fetcher: Fetcher, *,
             log.warning("hot set %s of image %s not fetched: %s", to_hex(digest),
                         to_hex(image_id), err)
             return PrefetchReport(failed=1)
-    return await fetcher.prefetch(load(store, image_id), concurrency=concurrency)
+    return await fetcher.prefetch(load(store, image_id), concurrency=concurrency,
+                                  durable=durable)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -238,10 +239,13 @@ class Fetcher:
         return self.store.read(digest, offset, length)  # raises BlobMissing, or returns
 
     async def prefetch(self, digests: Iterable[bytes],
-                       concurrency: int = DEFAULT_PREFETCH_CONCURRENCY) -> PrefetchReport:
+                       concurrency: int = DEFAULT_PREFETCH_CONCURRENCY, *,
+                       durable: bool = True) -> PrefetchReport:
         """Bring every digest in, at most ``concurrency`` source fetches at a time, in the
         order given (a hot set lists what is read first first). Failures are logged and
-        counted, never raised: prefetch is an optimisation, a read will try again."""
+        counted, never raised: prefetch is an optimisation, a read will try again.
+        ``durable=False``: do not wait for the commits (readers of this fetcher find the
+        bytes in memory meanwhile; the store gets them behind, as for reads)."""
         report = PrefetchReport()
         pending = iter(digests)
 
@@ -251,7 +255,11 @@ class Fetcher:
                     report.present += 1
                     continue
                 try:
-                    await self.ensure(digest, parallel=1)
+                    if durable:
+                        await self.ensure(digest, parallel=1)
+                    else:
+                        await self._once(self._files, digest,
+                                         functools.partial(self._bring_whole, digest, 1))
                 except SwarmError as err:
                     log.warning("prefetch of %s failed: %s", to_hex(digest), err)
                     report.failed += 1
