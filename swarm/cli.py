@@ -7,10 +7,19 @@ only when ``SWARM_DEBUG=1``.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # `python -m swarm.cli`: the thin client first (swarm.quickcli)
+    from swarm.quickcli import try_run as _try_run
+
+    _code = _try_run(sys.argv[1:])
+    if _code is not None:
+        sys.exit(_code)
+
+# (the thin client above runs before these imports: they are most of its cost)
 import json
 import logging
 import os
-import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -31,12 +40,9 @@ EXIT_INTERNAL = 70
 
 
 def default_state_dir() -> Path:
-    env = os.environ.get("SWARM_STATE_DIR")
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return Path("/var/lib/swarm")
-    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "swarm"
+    from swarm.quickcli import default_state_dir as default  # one rule for both clients
+
+    return Path(default())
 
 
 def parse_size(text: str) -> int:
