@@ -21,7 +21,7 @@ import os
 import shlex
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -118,6 +118,8 @@ class Engine:
         self.prefetch = prefetch
         self.hot_trees = hot_trees
         self.fetcher: Fetcher | None = None  # brings hot sets in; a node may set its own
+        # where a node prepares hot trees instead (on the loop that owns its peer links)
+        self.hot_tree_runner: Callable[[bytes], Awaitable[Path | None]] | None = None
         self._stack = contextlib.AsyncExitStack()
         self.store: Store
         self.mounts: MountManager
@@ -223,6 +225,8 @@ class Engine:
         from local files, they arrive sooner than one blocking FUSE read at a time. A
         failure only costs speed: the FUSE mount serves everything without a tree."""
         try:
+            if self.hot_tree_runner is not None:
+                return await self.hot_tree_runner(image_id)
             return await async_prepare_hot_tree(self.store, self.state_dir, image_id,
                                                  self.fetcher if self.prefetch else None)
         except (SwarmError, OSError) as err:
