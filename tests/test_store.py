@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lmdb
 import pytest
@@ -194,3 +197,32 @@ def test_reopen_after_close(tmp_path):
     with Store(tmp_path / "s") as s:
         assert s.get(d) == b"persist"
     assert isinstance(lmdb.version(), tuple)
+
+
+def test_a_store_opens_while_another_thread_writes(tmp_path: Path) -> None:
+    """Opening a Store of a path already open in this process takes no write lock while
+    holding the GIL: a thread in a write transaction (which needs the GIL to finish it)
+    must not deadlock with it. Run in a child process, so a deadlock fails, not hangs."""
+    code = f"""
+import threading
+from swarm.store import Store
+first = Store({str(tmp_path / "s")!r})
+inside = threading.Event()
+def writer():
+    with first.batch() as batch:
+        inside.set()
+        for i in range(20000):  # Python work, GIL needed, writer lock held
+            batch.put(i.to_bytes(4, "big"))
+t = threading.Thread(target=writer)
+t.start()
+inside.wait()
+second = Store({str(tmp_path / "s")!r})
+t.join()
+print(second.stats().blobs)
+second.close()
+first.close()
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "20000"

@@ -117,8 +117,13 @@ class _EnvRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._envs: dict[str, tuple[lmdb.Environment, int]] = {}
+        self._dbs: dict[str, dict[str, Any]] = {}
 
-    def acquire(self, path: str, map_size: int) -> lmdb.Environment:
+    def acquire(self, path: str, map_size: int) -> tuple[lmdb.Environment, dict[str, Any]]:
+        """The environment of ``path`` and its sub-database handles. The handles are
+        opened once per environment: ``open_db`` begins a write transaction without
+        releasing the GIL, so a Store made while another thread of this process held a
+        write transaction (it needs the GIL to finish) deadlocked both."""
         with self._lock:
             env, refs = self._envs.get(path, (None, 0))
             if env is None:
@@ -131,15 +136,21 @@ class _EnvRegistry:
                                     sync=True, metasync=False)
                 except lmdb.Error as err:
                     raise StoreError(f"cannot open store {path}: {err}") from err
-                env.reader_check()  # drop reader slots of processes that died
+                try:
+                    env.reader_check()  # drop reader slots of processes that died
+                    self._dbs[path] = {name: env.open_db(name.encode()) for name in _DBS}
+                except lmdb.Error as err:
+                    env.close()
+                    raise StoreError(f"cannot open store {path}: {err}") from err
             self._envs[path] = (env, refs + 1)
-            return env
+            return env, self._dbs[path]
 
     def release(self, path: str) -> None:
         with self._lock:
             env, refs = self._envs[path]
             if refs <= 1:
                 del self._envs[path]
+                del self._dbs[path]
                 env.close()
             else:
                 self._envs[path] = (env, refs - 1)
@@ -190,9 +201,8 @@ class Store:
         self.budget_bytes = budget_bytes
         self.verify_on_read = verify_on_read
         self._key = os.path.realpath(self.path)
-        self.env = _REGISTRY.acquire(self._key, map_size)
+        self.env, self.db = _REGISTRY.acquire(self._key, map_size)
         self._closed = False
-        self.db = {name: self.env.open_db(name.encode()) for name in _DBS}
         with self.env.begin(write=True) as txn:
             fmt = txn.get(b"format", db=self.db["config"])
             if fmt is None:
