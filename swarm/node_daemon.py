@@ -217,13 +217,22 @@ class BlobProxy:
         with contextlib.suppress(NotFound):
             return images.resolve(store, ref)  # made local meanwhile
         image_id, hot = await self.source.resolve(ref)
-        await self.fetcher.ensure(image_id)
+        # the hot set's list comes in while the index does
+        hot_list = None if hot is None or images.hot_set(store, image_id) is not None \
+            else asyncio.ensure_future(self.fetcher.ensure(hot))
+        try:
+            await self.fetcher.ensure(image_id)
+        except BaseException:
+            if hot_list is not None:
+                hot_list.cancel()
+                await asyncio.gather(hot_list, return_exceptions=True)
+            raise
         index = images.load_index(store, image_id)
         names = [] if is_hex_digest(ref) or _is_prefix(ref) else [ref]
         images.register(store, index, names, source="peer")
-        if hot is not None and images.hot_set(store, image_id) is None:
+        if hot_list is not None and hot is not None:
             try:
-                await self.fetcher.ensure(hot)
+                await hot_list
                 images.set_hot_set(store, image_id, hot)
             except SwarmError as err:
                 log.warning("hot set of %s not fetched: %s", to_hex(image_id)[:12], err)

@@ -118,6 +118,7 @@ class PeerSource(BlobSource):
     file's chunks and a hot set's files are pulled from several peers in parallel."""
 
     name = "peers"
+    verifies_leaves = True  # fetch() hashes every leaf: that is how a liar is caught
 
     def __init__(self, dialer: Dialer, members: Callable[[], Sequence[str]], *,
                  timeout_s: float = BLOB_TIMEOUT_S, suspect_s: float = SUSPECT_S) -> None:
