@@ -15,6 +15,8 @@ swarm warm within 1.15x of native warm; swarm cold within 1.5x of native cold; s
 at least 8x faster than the pull baseline. Needs root.
 
     .venv/bin/python ops/bench/coldstart.py [--runs 5]
+    .venv/bin/python ops/bench/coldstart.py --peers [--runs 3] [--mib 256]   (issue 5:
+        the cold start with blobs from a peer over a veth; see coldstart_peers.py)
 """
 
 from __future__ import annotations
@@ -242,10 +244,19 @@ async def main_async(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    argv = sys.argv[1:]
+    if "--peers" in argv:  # that benchmark, with the rest of the arguments (and its --help)
+        from ops.bench import coldstart_peers
+
+        coldstart_peers.main([a for a in argv if a != "--peers"])
+        return
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
-    asyncio.run(main_async(ap.parse_args()))
+    ap.add_argument("--peers", action="store_true",
+                    help="the cold start with node B's blobs coming from node A over a veth, "
+                    "and peer vs HTTP throughput: runs ops/bench/coldstart_peers.py")
+    asyncio.run(main_async(ap.parse_args(argv)))
 
 
 if __name__ == "__main__":
