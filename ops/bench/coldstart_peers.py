@@ -46,6 +46,7 @@ from swarm.errors import NotFound
 from swarm.fs import images
 from swarm.fs.hotdir import remove_hot_trees
 from swarm.fs.materialize import export_directory
+from swarm.fs.source import WRITE_BEHIND_S
 from swarm.runtime.runc import Runc
 from swarm.store import Store
 
@@ -92,13 +93,35 @@ def timed(cmd: list[str], expect: int = 0) -> float:
 
 
 def make_cold(state: Path) -> None:
-    """Node B forgets the image and every blob, as if it had never seen it."""
+    """Node B forgets the image and every blob, as if it had never seen it. Its blob proxy
+    stores what it fetched behind its readers (swarm.fs.source.WRITE_BEHIND_S after the
+    last fetch): first wait until the store has stopped growing, or those writes land
+    after the gc and the next run finds the hot set local (every other run was warm)."""
+    _wait_store_quiet(state / "store")
     with Store(state / "store") as s:
         for rec in images.list_images(s):
             images.remove(s, to_ref(rec.id))
             remove_hot_trees(state, rec.id)
         s.gc(set())
     drop_page_cache()
+
+
+def _wait_store_quiet(path: Path, quiet_s: float = 4 * WRITE_BEHIND_S,
+                      limit_s: float = 20.0) -> None:
+    def size() -> tuple[int, int]:
+        with Store(path) as s:
+            st = s.stats()
+        return st.blobs, st.bytes
+
+    deadline = time.monotonic() + limit_s
+    last, since = size(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = size()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
 
 
 def to_ref(image_id: bytes) -> str:
