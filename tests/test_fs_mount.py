@@ -553,3 +553,31 @@ def test_zygote_builds_the_tree_before_forking(tmp_path: Path, small: tuple[Path
     (first, view1), (second, view2) = run(main())
     assert first == second == zygote
     assert view1 == view2 and diff(view1, snapshot(src)) == []
+
+
+def test_blobs_read_are_stored_once_the_last_container_is_gone(
+        tmp_path: Path, small: tuple[Path, Path, bytes]) -> None:
+    """The daemon answers reads from fetched bytes and stores them behind; the mount's
+    last release (the mount stays up for its idle window) has them committed."""
+    src, store_path, image_id = small
+    state = tmp_path / "state"
+    with Store(state / "store", chunk_size=CHUNK) as local, \
+            Store(store_path, chunk_size=CHUNK) as remote:
+        local.put(remote.get(image_id))  # a cold node: only the index
+        conf = images.load_index(remote, image_id).get("/etc/conf")
+        assert conf is not None and conf.digest is not None
+
+    async def main() -> None:
+        async with MountManager(state, source=store_path, idle_s=3600, chunk_size=CHUNK,
+                                prefetch=False) as mm:
+            mnt = await mm.acquire(image_id)
+            try:
+                got = await asyncio.to_thread((mnt / "etc" / "conf").read_bytes)
+                assert got == (src / "etc" / "conf").read_bytes()
+            finally:
+                await mm.release(image_id)
+            assert mm.mounted() == {image_id: 0}  # still mounted, idle
+            with Store(state / "store", chunk_size=CHUNK) as local:
+                assert local.has(conf.digest)
+
+    run(main())

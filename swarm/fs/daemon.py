@@ -25,6 +25,7 @@ each answered with one JSON line:
 ``reset``        zero the op counts (to measure one workload)
 ``save-hotset``  merge the recording into the image's hot set now
 ``prefetch-wait`` answer once the hot-set prefetch has finished (with its counts)
+``flush``        commit the fetched blobs still held for writing (write-behind), then answer
 ``unmount``      unmount and exit (as SIGTERM does)
 
 End of file on the control socket means the parent is gone: the daemon unmounts and exits,
@@ -227,6 +228,10 @@ class Daemon:
                 with contextlib.suppress(Exception):
                     await asyncio.shield(self._prefetch_task)
             return {"ok": True, "prefetch": self.stats()["prefetch"]}
+        if cmd == "flush":
+            if self.fetcher is not None:
+                await self.fetcher.flush()
+            return {"ok": True}
         if cmd == "unmount":
             self.stop.set()
             return {"ok": True}

@@ -423,8 +423,14 @@ class MountManager:
             if m.refs:
                 return
             if self.idle_s <= 0:
-                await self._unmount_locked(image_id)
+                await self._unmount_locked(image_id)  # the daemon commits on its way out
                 return
+            # what the containers read is in the store once the last one is gone (the
+            # daemon writes fetched blobs behind its readers)
+            try:
+                await self.control(image_id, "flush")
+            except (MountError, OSError, TimeoutError, ValueError) as err:
+                log.warning("mount daemon of %s did not flush: %s", to_hex(image_id)[:12], err)
             loop = asyncio.get_running_loop()
             m.idle_timer = loop.call_later(self.idle_s, self._spawn_expire, image_id)
 

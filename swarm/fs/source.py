@@ -272,12 +272,17 @@ class Fetcher:
         await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
         return report
 
-    async def aclose(self) -> None:
-        """Wait for the writes in flight (their errors were logged or raised already)."""
+    async def flush(self) -> None:
+        """Commit what is held for writing now, and wait for it (errors were logged, or
+        raised to the callers that waited for those commits)."""
         while self._writer is not None and not self._writer.done():
             self._flush_now.set()
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._writer)
+
+    async def aclose(self) -> None:
+        """Wait for the writes in flight; call it before the store is closed."""
+        await self.flush()
 
     # ------------------------------------------------------------------ internals
     async def _once(self, table: dict[bytes, asyncio.Task[_T]], key: bytes,
