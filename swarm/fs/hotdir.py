@@ -90,6 +90,9 @@ def ensure_hot_tree(store: Store, state_dir: Path, image_id: bytes) -> Path | No
     return dest
 
 
+# Hot files smaller than this are written on the loop: open, write, close and metadata
+# take less than handing them to a worker thread (most of a hot set is this small).
+INLINE_WRITE_BYTES = 64 << 10
 HOT_PREFETCH_CONCURRENCY = 16  # origin/peer reads in flight while a hot set comes in
 
 
@@ -187,6 +190,9 @@ async def async_prepare_hot_tree(store: Store, state_dir: Path, image_id: bytes,
                     raise SwarmError(f"blob {to_hex(digest)} is {len(data)} bytes, the "
                                      f"index says {sizes[digest]}")
                 await asyncio.shield(skeleton)  # its directory exists
+                if len(data) < INLINE_WRITE_BYTES:  # a few syscalls: less than a hop
+                    writer.write(digest, data)
+                    continue
                 writes.append(asyncio.ensure_future(
                     asyncio.to_thread(writer.write, digest, data)))
                 await asyncio.shield(writes[-1])
