@@ -213,7 +213,10 @@ def test_ctrl_c_stops_the_container(state, tmp_path):
     os.mkfifo(sync / "ready")
     env = dict(os.environ, SWARM_STATE_DIR=str(state))
     proc = subprocess.Popen([sys.executable, "-m", "swarm.cli", "run", "-v", f"{sync}:/sync",
-                             "py", "sh", "-c", "echo up > /sync/ready; exec sleep 1000"],
+                             "py", "sh", "-c",
+                             # pid 1 stays this shell, its trap set before it says it is
+                             # up: the signal never meets a half-exec'd process
+                             "trap 'exit 130' INT; echo up > /sync/ready; sleep 1000 & wait"],
                             env=env)
     try:
         with open(sync / "ready") as f:
