@@ -75,3 +75,11 @@ def test_rank_asks_holders_then_warm_then_idle_peers() -> None:
     ]
     assert rank_peers(peers, d, image) == ["holder:1", "idlewarm:1", "busywarm:1", "cold:1"]
     assert rank_peers([], d) == []
+
+
+def test_rank_keeps_the_rotation_among_peers_about_as_busy() -> None:
+    d = hash_bytes(b"blob")
+    peers = [("b:1", {"cpu": 20}, None), ("a:1", {"cpu": 5}, None)]
+    assert rank_peers(peers, d) == ["b:1", "a:1"]  # one load band: the caller's order
+    peers = [("b:1", {"cpu": 60}, None), ("a:1", {"cpu": 5}, None)]
+    assert rank_peers(peers, d) == ["a:1", "b:1"]

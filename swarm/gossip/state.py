@@ -26,6 +26,7 @@ from swarm.digest import to_hex
 log = logging.getLogger(__name__)
 
 PERCENT_STEP = 5  # quantum of CPU, memory and warmth percentages
+LOAD_BAND = 25  # CPU percentages that rank_peers counts as equally busy
 GPU_UTIL_STEP = 10  # quantum of GPU utilisation
 MAX_WARM_IMAGES = 8  # images listed in ``warm``: the warmest first
 IMAGE_KEY_HEX = 16  # image ids are abbreviated to this many hex characters in gossip
@@ -194,9 +195,11 @@ def held_digests(store: Any) -> list[bytes]:
 def rank_peers(peers: Sequence[tuple[str, dict[str, Any], BloomFilter | None]],
                digest: bytes, image_id: bytes | None = None) -> list[str]:
     """Peer addresses in the order a blob fetch should ask them: those whose filter holds
-    ``digest`` first, then by warmth for ``image_id``, then by load; a peer with no
-    filter yet counts as "maybe". Ties keep the caller's order (it rotates by digest to
-    spread load)."""
+    ``digest`` first, then by warmth for ``image_id``, then by load in bands of
+    :data:`LOAD_BAND` percent; a peer with no filter yet counts as "maybe". Ties keep the
+    caller's order (it rotates by digest to spread load): peers about as busy share the
+    fetches, rather than a few percent of CPU, sampled at another moment, sending every
+    one to the same peer (which also left peers that tests make lie or die unasked)."""
     key = image_key(image_id) if image_id is not None else None
 
     def score(item: tuple[int, tuple[str, dict[str, Any], BloomFilter | None]]) -> tuple[
@@ -206,6 +209,6 @@ def rank_peers(peers: Sequence[tuple[str, dict[str, Any], BloomFilter | None]],
         warm = meta.get("warm", {}) if isinstance(meta.get("warm"), dict) else {}
         pct = warm.get(key, 0) if key is not None else 0
         cpu = meta.get("cpu", 0) if isinstance(meta.get("cpu"), int) else 0
-        return (has, -int(pct), int(cpu), i)
+        return (has, -int(pct), int(cpu) // LOAD_BAND, i)
 
     return [p[0] for _i, p in sorted(enumerate(peers), key=score)]
