@@ -30,7 +30,7 @@ from swarm.digest import short, to_hex
 from swarm.errors import RuntimeFailure, SwarmError
 from swarm.fs import images
 from swarm.fs import mounts as fs_mounts
-from swarm.fs.hotdir import async_prepare_hot_tree
+from swarm.fs.hotdir import async_prepare_hot_tree, mount_hot_tmpfs
 from swarm.fs.mounts import MountManager
 from swarm.fs.source import Fetcher, StoreSource
 from swarm.runtime import overlay as overlay_mod
@@ -134,6 +134,10 @@ class Engine:
             (self.dir / OWNER_FILE).write_text(
                 json.dumps({"pid": pid, "start": process_start_time(pid)}))
             self._stack.callback(shutil.rmtree, self.dir, True)
+            if self.hot_trees:  # hot trees on a tmpfs (swarm.fs.hotdir), gone last
+                hot = mount_hot_tmpfs(self.state_dir)
+                if hot is not None:
+                    self._stack.callback(fs_mounts.detach, hot)
             self.store = Store(self.state_dir / "store")
             self._stack.callback(self.store.close)
             self._stack.push_async_callback(self._async_close_fetcher)  # before the store

@@ -15,14 +15,23 @@ A tree is built only when every blob of the hot set is in the local store, into 
 temporary directory renamed into place, so a tree that exists is complete; it is named by
 the hot-set digest, so a grown hot set yields a new tree and never changes one an overlay
 is using (overlayfs forbids changing a lower layer under a mount).
+
+Where the engine runs as root, ``<state>/hot`` is a tmpfs (:func:`mount_hot_tmpfs`): a
+cold start builds the tree on its critical path, and on this machine's ext4 creating its
+~1100 entries took ~60 ms against ~9 ms on tmpfs. Trees are caches of immutable content,
+so losing them at reboot costs one rebuild from the store. ``SWARM_HOT_TMPFS`` sets the
+tmpfs's size (default 1g; a full one only means a start without a tree), ``0`` keeps the
+trees on the state directory's filesystem.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -37,6 +46,8 @@ from swarm.store import Store
 log = logging.getLogger(__name__)
 
 HOT_DIR = "hot"
+HOT_TMPFS_ENV = "SWARM_HOT_TMPFS"
+DEFAULT_HOT_TMPFS_SIZE = "1g"
 
 
 def hot_tree_dir(state_dir: Path, image_id: bytes, hot_set_digest: bytes) -> Path:
@@ -71,8 +82,9 @@ def ensure_hot_tree(store: Store, state_dir: Path, image_id: bytes) -> Path | No
         return None
     index = images.load_index(store, image_id)
     sub = select(index, set(digests))
-    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # unique per build: two starts of one image in one process build it side by side
+    # (the first to finish renames it into place)
+    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}-{secrets.token_hex(4)}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         export_directory(store, sub, tmp)
@@ -226,6 +238,32 @@ def _install(tmp: Path, dest: Path, state_dir: Path, image_id: bytes, entries: i
     return dest
 
 
+def mount_hot_tmpfs(state_dir: Path) -> Path | None:
+    """Make ``<state>/hot`` a tmpfs when running as root and it is not a mount yet (see
+    the module's doc); returns the mountpoint for the caller to detach when it is done,
+    or None when it mounted nothing. Trees already on disk there that no overlay uses are
+    removed first; if any is in use, the directory is left as it is."""
+    size = os.environ.get(HOT_TMPFS_ENV, DEFAULT_HOT_TMPFS_SIZE).strip()
+    root = state_dir / HOT_DIR
+    if size in ("", "0") or os.geteuid() != 0 or os.path.ismount(root):
+        return None
+    from swarm.runtime.overlay import mount_tmpfs
+
+    remove_hot_trees(state_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for d in root.iterdir():  # image directories the removal emptied
+        with contextlib.suppress(OSError):
+            d.rmdir()
+    if any(root.iterdir()):
+        return None
+    try:
+        mount_tmpfs(root, f"size={size},mode=0700")
+    except SwarmError as err:
+        log.warning("hot trees stay on disk: %s", err)
+        return None
+    return root
+
+
 def trees_in_use() -> set[Path]:
     """Hot trees that a mounted overlay has as a lower layer (never to be removed)."""
     used = set()
@@ -253,8 +291,22 @@ def remove_hot_trees(state_dir: Path, image_id: bytes | None = None, *,
         if not d.is_dir():
             continue
         for tree in d.iterdir():
-            if tree == keep or tree in used:
+            if tree == keep or tree in used or _building(tree):
                 continue
             shutil.rmtree(tree, ignore_errors=True)
             removed += 1
     return removed
+
+
+def _building(tree: Path) -> bool:
+    """A temporary tree (``.tmp-NAME-PID-...``) that a live process is still writing."""
+    parts = tree.name.split("-")
+    if not tree.name.startswith(".tmp-") or len(parts) < 4 or not parts[2].isdigit():
+        return False
+    try:
+        os.kill(int(parts[2]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -106,6 +106,14 @@ class Overlay:
             shutil.rmtree(self.container_dir, ignore_errors=True)
 
 
+def mount_tmpfs(target: Path, options: str) -> None:
+    """Mount a tmpfs at ``target`` (an existing directory) with ``options``
+    (e.g. ``size=1g,mode=0700``)."""
+    if _libc.mount(b"tmpfs", os.fsencode(target), b"tmpfs", 0, options.encode()) != 0:
+        err = ctypes.get_errno()
+        raise MountError(f"cannot mount a tmpfs at {target}: {os.strerror(err)}")
+
+
 def mount_overlay(lowerdirs: Sequence[Path], container_dir: Path, *,
                   volatile: bool = False) -> Overlay:
     """Mount an overlay of ``lowerdirs`` (topmost first) at ``container_dir/merged``.
