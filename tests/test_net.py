@@ -869,3 +869,24 @@ def test_connection_takes_over_what_the_handshake_reader_had_buffered():
         await conn.aclose()
 
     run(go)
+
+
+def test_small_byte_answers_take_one_frame_large_ones_two(quick_timing):
+    sizes = {"small": 1000, "edge": 64 * 1024 - 1, "large": 64 * 1024}
+
+    async def get(call: Call) -> Any:
+        return bytes(sizes[call.args["k"]])
+
+    async def go() -> None:
+        ck = ClusterKey.generate()
+        async with node(ck, {"get": get}, quick_timing) as a, \
+                node(ck, {}, quick_timing) as b:
+            conn = await b.transport.connect(a.addr)
+            (served,) = a.transport._accepted
+            assert served.channel is not None
+            for k, frames_sent in (("small", 1), ("edge", 1), ("large", 2)):
+                before = served.channel.sent
+                assert await conn.request("get", {"k": k}) == bytes(sizes[k])
+                assert served.channel.sent - before == frames_sent, k
+
+    run(go)

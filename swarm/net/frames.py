@@ -62,6 +62,14 @@ Messages (msgpack arrays; the first element is the type)
                                           a few chunks unanswered, so a container that
                                           does not read never stalls the connection
                                           (its CANCEL still gets through)
+``BYTES``    ``[6, id]``                  the RESPONSE to request id is a byte string: the
+                                          whole (decrypted) body of the *next* frame, raw,
+                                          not msgpack; nothing else comes between the two.
+                                          A handler whose result is bytes-like answers
+                                          this way when it is 64 KiB or more (less goes
+                                          as a RESPONSE): a blob goes out sealed straight
+                                          from the store's map and comes in with no
+                                          decoding; the caller gets bytes or bytearray
 
 Methods a member serves to authenticated members (:mod:`swarm.net.blobs`):
 ``ping`` {} -> "pong" · ``join`` {addr} -> {members, node} · ``members`` {} -> {members} ·

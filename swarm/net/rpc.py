@@ -459,8 +459,13 @@ class Connection:
         self._send(frames.data(req_id, stream, chunk))
 
     def send_bytes(self, req_id: int, data: Payload) -> None:
-        """Answer request ``req_id`` with the byte string ``data``: a BYTES message, then
-        ``data`` as the next frame's whole body (sealed from where it lies, no copy)."""
+        """Answer request ``req_id`` with the byte string ``data``. A large one goes as a
+        BYTES message, then ``data`` as the next frame's whole body (sealed from where it
+        lies, no copy); one under SMALL_FRAME_BYTES as an ordinary RESPONSE (one frame,
+        not two: most blobs of a hot set are that small)."""
+        if len(data) < SMALL_FRAME_BYTES:
+            self._send(frames.response(req_id, bytes(data)))
+            return
         if len(data) + 64 > frames.MAX_FRAME_BYTES:
             raise ProtocolError(f"{len(data)} bytes do not fit one frame")
         self._send(frames.bytes_header(req_id))
