@@ -882,6 +882,7 @@ def test_small_byte_answers_take_one_frame_large_ones_two(quick_timing):
         async with node(ck, {"get": get}, quick_timing) as a, \
                 node(ck, {}, quick_timing) as b:
             conn = await b.transport.connect(a.addr)
+            await conn.request("get", {"k": "small"})  # the server has its end now
             (served,) = a.transport._accepted
             assert served.channel is not None
             for k, frames_sent in (("small", 1), ("edge", 1), ("large", 2)):
