@@ -546,9 +546,12 @@ def zygote_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     _import_pyfuse3()
     # imported here, once, for every daemon forked (this process is __main__, so
-    # swarm.fs.daemon itself comes in through swarm.fs.mounts)
+    # swarm.fs.daemon itself comes in through swarm.fs.mounts); swarm.nodeapi for the
+    # --source-socket a node gives every daemon: imported after the fork it held up a
+    # peers cold start's mount by 60-95 ms (asyncio, the RPC and its frames)
     import swarm.fs.fuse
-    import swarm.fs.mounts  # noqa: F401
+    import swarm.fs.mounts
+    import swarm.nodeapi  # noqa: F401
 
     sock = socket.socket(fileno=args.control_fd)
     signal.signal(signal.SIGCHLD, _reap_children)
