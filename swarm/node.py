@@ -135,7 +135,9 @@ class Engine:
                 json.dumps({"pid": pid, "start": process_start_time(pid)}))
             self._stack.callback(shutil.rmtree, self.dir, True)
             if self.hot_trees:  # hot trees on a tmpfs (swarm.fs.hotdir), gone last
-                hot = mount_hot_tmpfs(self.state_dir)
+                hot = mount_hot_tmpfs(self.state_dir,
+                                      {"pid": pid, "start": process_start_time(pid)},
+                                      _owner_alive)
                 if hot is not None:
                     self._stack.callback(fs_mounts.detach, hot)
             self.store = Store(self.state_dir / "store")

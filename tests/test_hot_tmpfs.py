@@ -15,6 +15,7 @@ from swarm.digest import hash_bytes
 from swarm.fs import hotset, images
 from swarm.fs.hotdir import (
     HOT_DIR,
+    HOT_OWNER_FILE,
     ensure_hot_tree,
     hot_tree_dir,
     mount_hot_tmpfs,
@@ -22,6 +23,13 @@ from swarm.fs.hotdir import (
 )
 from swarm.fs.mounts import detach
 from swarm.store import Store
+
+ME = {"pid": 1, "start": "me"}
+LIVE = {"pid": 2, "start": "live"}
+
+
+def _alive(owner: dict) -> bool:
+    return owner == LIVE
 
 
 def _fstype(path: Path) -> str:
@@ -35,17 +43,24 @@ def test_hot_trees_get_a_tmpfs_once(tmp_path, monkeypatch):
     stale = state / HOT_DIR / ("ab" * 32)  # an image's trees left on disk by a run
     (stale / "old-tree").mkdir(parents=True)
     monkeypatch.delenv("SWARM_HOT_TMPFS", raising=False)
-    hot = mount_hot_tmpfs(state)
+    hot = mount_hot_tmpfs(state, LIVE, _alive)
     try:
         assert hot == state / HOT_DIR
         assert os.path.ismount(hot) and _fstype(hot) == "tmpfs"
-        assert list(hot.iterdir()) == []
-        assert mount_hot_tmpfs(state) is None  # a mount is there already: left alone
+        assert [p.name for p in hot.iterdir()] == [HOT_OWNER_FILE]
+        # a live engine's tmpfs is left alone; a dead one's is adopted, once
+        assert mount_hot_tmpfs(state, ME, _alive) is None
+        (hot / HOT_OWNER_FILE).write_text('{"pid": 3, "start": "dead"}')
+        assert mount_hot_tmpfs(state, ME, _alive) == hot
+        assert mount_hot_tmpfs(state, LIVE, lambda o: o == ME) is None
+        (hot / HOT_OWNER_FILE).unlink()  # a tmpfs we did not mount: never ours
+        assert mount_hot_tmpfs(state, ME, _alive) is None
     finally:
         assert hot is not None and detach(hot)
     assert not (stale / "old-tree").exists()  # not in use: removed, not hidden
     monkeypatch.setenv("SWARM_HOT_TMPFS", "0")
-    assert mount_hot_tmpfs(state) is None and not os.path.ismount(state / HOT_DIR)
+    assert mount_hot_tmpfs(state, ME, _alive) is None
+    assert not os.path.ismount(state / HOT_DIR)
 
 
 @pytest.mark.root
@@ -54,7 +69,7 @@ def test_a_tree_in_use_keeps_the_hot_directory_on_disk(tmp_path, monkeypatch):
     busy = state / HOT_DIR / "img" / f".tmp-0123456789abcdef-{os.getpid()}-x"
     busy.mkdir(parents=True)  # being built by a live process (this one)
     monkeypatch.delenv("SWARM_HOT_TMPFS", raising=False)
-    assert mount_hot_tmpfs(state) is None
+    assert mount_hot_tmpfs(state, ME, _alive) is None
     assert busy.is_dir() and not os.path.ismount(state / HOT_DIR)
 
 

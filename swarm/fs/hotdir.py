@@ -29,11 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from swarm.digest import to_hex
 from swarm.errors import SwarmError
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 
 HOT_DIR = "hot"
 HOT_TMPFS_ENV = "SWARM_HOT_TMPFS"
+HOT_OWNER_FILE = ".owner"  # in the tmpfs: the engine that mounted it, {"pid", "start"}
 DEFAULT_HOT_TMPFS_SIZE = "1g"
 
 
@@ -243,15 +247,30 @@ def _install(tmp: Path, dest: Path, state_dir: Path, image_id: bytes, entries: i
     return dest
 
 
-def mount_hot_tmpfs(state_dir: Path) -> Path | None:
-    """Make ``<state>/hot`` a tmpfs when running as root and it is not a mount yet (see
-    the module's doc); returns the mountpoint for the caller to detach when it is done,
-    or None when it mounted nothing. Trees already on disk there that no overlay uses are
-    removed first; if any is in use, the directory is left as it is."""
+def mount_hot_tmpfs(state_dir: Path, owner: dict[str, Any],
+                    owner_alive: Callable[[dict[str, Any]], bool]) -> Path | None:
+    """Make ``<state>/hot`` a tmpfs when running as root (see the module's doc) and record
+    ``owner`` (the engine's pid and start time) in it; returns the mountpoint for the
+    caller to detach when it is done, or None when there is nothing for it to detach.
+
+    A tmpfs already there is adopted when its recorded owner is dead (a SIGKILLed engine
+    left it: its successor cleans up, at its own exit), and left alone when the owner
+    lives or none is recorded (not ours). Trees already on disk that no overlay uses are
+    removed before mounting; if any is in use, the directory is left as it is."""
     size = os.environ.get(HOT_TMPFS_ENV, DEFAULT_HOT_TMPFS_SIZE).strip()
     root = state_dir / HOT_DIR
-    if size in ("", "0") or os.geteuid() != 0 or os.path.ismount(root):
+    if size in ("", "0") or os.geteuid() != 0:
         return None
+    record = root / HOT_OWNER_FILE
+    if os.path.ismount(root):
+        try:
+            current = json.loads(record.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(current, dict) or owner_alive(current):
+            return None
+        record.write_text(json.dumps(owner))
+        return root
     from swarm.runtime.overlay import mount_tmpfs
 
     remove_hot_trees(state_dir)
@@ -266,6 +285,7 @@ def mount_hot_tmpfs(state_dir: Path) -> Path | None:
     except SwarmError as err:
         log.warning("hot trees stay on disk: %s", err)
         return None
+    record.write_text(json.dumps(owner))
     return root
 
 
