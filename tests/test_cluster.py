@@ -114,3 +114,26 @@ def test_peer_killed_mid_transfer_does_not_fail_the_read(cluster, debian_rootfs)
     out = cluster.swarm(3, "run", IMAGE, *WORKLOAD).stdout
     assert out == _expected(debian_rootfs)
     assert "dying while serving" in cluster.log(2)  # it was asked, and died asking
+
+
+def test_cold_node_builds_the_hot_tree_from_peers(cluster, debian_rootfs):
+    """Node A runs the image once (its mount records the hot set); node B, cold, gets the
+    hot set's list with the image and builds the hot tree from A's blobs on its blob
+    proxy's loop, before the container starts: B's run reads the hot files from it."""
+    from swarm.fs.hotdir import HOT_DIR
+
+    idle0 = {"SWARM_MOUNT_IDLE_S": "0"}  # A's mount goes (and saves the hot set) at once
+    cluster.up(2, node_env={1: idle0, 2: idle0})
+    image_id = _import(cluster.state(1), debian_rootfs)
+    assert cluster.swarm(1, "run", IMAGE, *WORKLOAD).stdout == _expected(debian_rootfs)
+    with Store(cluster.state(1) / "store") as s:
+        hot = images.hot_set(s, image_id)
+    assert hot is not None  # A's mount recorded what the run read
+    out = cluster.swarm(2, "run", IMAGE, *WORKLOAD).stdout
+    assert out == _expected(debian_rootfs)
+    with Store(cluster.state(2) / "store") as s:
+        assert images.hot_set(s, image_id) == hot
+    trees = list((cluster.state(2) / HOT_DIR / image_id.hex()).iterdir())
+    assert [t.name for t in trees] == [hot.hex()[:16]]
+    assert (trees[0] / "etc" / "debian_version").read_bytes() == \
+        (debian_rootfs / "etc" / "debian_version").read_bytes()
