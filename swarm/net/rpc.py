@@ -51,8 +51,9 @@ STREAM_BUFFER_BYTES = 256 << 10
 SMALL_FRAME_BYTES = 64 << 10
 # Received bytes waiting for the reader task past which the socket is not read.
 MAX_QUEUED_BYTES = 64 << 20
-# Large frame buffers kept for reuse once their frame is decrypted.
-SPARE_BUFFERS = 2
+# Large frame buffers kept for reuse once their frame is decrypted: as many as a fetch
+# keeps chunks in flight (4 MiB each; 2 ran ~5-8% slower in the peers throughput bench).
+SPARE_BUFFERS = 4
 
 Payload = bytes | bytearray | memoryview
 
