@@ -86,9 +86,7 @@ def ensure_hot_tree(store: Store, state_dir: Path, image_id: bytes) -> Path | No
         return None
     index = images.load_index(store, image_id)
     sub = select(index, set(digests))
-    # unique per build: two starts of one image in one process build it side by side
-    # (the first to finish renames it into place)
-    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = _temp_tree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
         export_directory(store, sub, tmp)
@@ -186,7 +184,7 @@ async def async_prepare_hot_tree(store: Store, state_dir: Path, image_id: bytes,
     index = images.load_index(store, image_id)
     sub = select(index, set(digests))
     dest = hot_tree_dir(state_dir, image_id, hot_digest)
-    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}-{id(sub):x}")
+    tmp = _temp_tree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     writer = _TreeWriter(sub, tmp)
     sizes = {e.digest: e.size for e in sub if e.kind == "file" and e.digest is not None}
@@ -232,6 +230,13 @@ async def async_prepare_hot_tree(store: Store, state_dir: Path, image_id: bytes,
         await asyncio.gather(*workers, *writes, return_exceptions=True)
         if tmp.exists():
             await asyncio.to_thread(shutil.rmtree, tmp, True)
+
+
+def _temp_tree(dest: Path) -> Path:
+    """Where a tree for ``dest`` is built: unique per build, since two starts of one image
+    in one process build it side by side (the first to finish renames it into place);
+    named ``.tmp-NAME-PID-RANDOM`` so :func:`_building` can tell a live build."""
+    return dest.with_name(f".tmp-{dest.name}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def _install(tmp: Path, dest: Path, state_dir: Path, image_id: bytes, entries: int) -> Path:
