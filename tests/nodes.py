@@ -146,6 +146,13 @@ class NetnsCluster:
     def state(self, i: int) -> Path:
         return Path(self.node(i)["state_dir"])
 
+    def state_before_up(self, i: int) -> Path:
+        """Node ``i``'s state directory, made before ``up`` starts it (the place
+        ``ops/netns_cluster.py`` gives it), so a test can fill its store first."""
+        d = self.base / self.name / str(i) / "state"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
     def node(self, i: int) -> dict[str, Any]:
         return next(n for n in self.doc["nodes"] if n["index"] == i)
 
